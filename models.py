@@ -1,0 +1,336 @@
+"""
+DeepLabV3 segmentation nets on dilated ResNets, in plain PyTorch.
+
+The backbone's state_dict() has exactly torchvision's ResNet keys and shapes (minus fc.*) at
+width=1.0, so torchvision's ImageNet checkpoints (resnet18-*.pth, resnet101-*.pth) load as they
+are. torchvision itself is not used: it is not installable everywhere we run, and its BasicBlock
+refuses dilation, so it cannot build a ResNet-18 at output stride 8.
+
+    teacher: build_model("deeplabv3_resnet101", num_classes, "resnet101.pth")
+    student: build_model("deeplabv3_resnet18", num_classes, "resnet18.pth")
+
+model(x) returns {"out": logits at 1/output_stride of the input (NOT upsampled), "feat": the
+feature before the classifier, "aux": FCN logits on layer3 (training only)}.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODEL_NAMES = ("deeplabv3_resnet18", "deeplabv3_resnet34", "deeplabv3_resnet50", "deeplabv3_resnet101")
+
+# depth -> (block type, blocks per stage), from torchvision's resnet18/34/50/101
+RESNET_LAYOUTS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+}
+
+# output stride -> (dilate layer2, layer3, layer4) and the ASPP rates that go with it
+DILATIONS = {8: (False, True, True), 16: (False, False, True)}
+ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
+
+
+def conv3x3(in_channels, out_channels, stride=1, dilation=1):
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=dilation,
+                     dilation=dilation, bias=False)
+
+
+def conv1x1(in_channels, out_channels, stride=1):
+    return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+
+def scaled(channels, width):
+    """Channel count `channels` scaled by the width multiplier (at least 1)."""
+    return max(1, int(round(channels * width)))
+
+
+# -----------------------------------------------------------------------------
+# ResNet backbone (torchvision's v1.5 layout: the stride sits on the 3x3 conv of a Bottleneck)
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, planes, stride, dilation)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes, 1, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.relu(y + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = conv1x1(in_channels, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return self.relu(y + identity)
+
+
+class ResNet(nn.Module):
+    """
+    torchvision's ResNet without avgpool/fc. forward(x) -> (layer1, layer2, layer3, layer4) outputs.
+
+    replace_stride_with_dilation[i] swaps the stride 2 of layer{i+2} for dilation, with
+    torchvision's semantics: the first block of a dilated layer keeps the previous dilation and
+    every later block uses the doubled one (so (False, True, True) gives layer3 dilation 2 and
+    layer4 dilation 4: output stride 8).
+    """
+
+    def __init__(self, depth, width=1.0, replace_stride_with_dilation=(False, False, False)):
+        super().__init__()
+        if depth not in RESNET_LAYOUTS:
+            raise ValueError(f"unknown ResNet depth {depth!r}; expected one of {sorted(RESNET_LAYOUTS)}")
+        if not width > 0:
+            raise ValueError(f"width must be > 0, got {width!r}")
+        if len(replace_stride_with_dilation) != 3:
+            raise ValueError("replace_stride_with_dilation needs 3 entries (layer2, layer3, layer4), "
+                             f"got {replace_stride_with_dilation!r}")
+        kind, blocks_per_layer = RESNET_LAYOUTS[depth]
+        self.depth, self.width = depth, width
+        self.block = BasicBlock if kind == "basic" else Bottleneck
+        base = scaled(64, width)
+        self.in_channels = base
+        self.dilation = 1
+
+        self.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(base)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        dilate = (False,) + tuple(replace_stride_with_dilation)
+        self.layer1 = self._make_layer(base, blocks_per_layer[0], stride=1, dilate=dilate[0])
+        self.layer2 = self._make_layer(base * 2, blocks_per_layer[1], stride=2, dilate=dilate[1])
+        self.layer3 = self._make_layer(base * 4, blocks_per_layer[2], stride=2, dilate=dilate[2])
+        self.layer4 = self._make_layer(base * 8, blocks_per_layer[3], stride=2, dilate=dilate[3])
+        self.channels = tuple(base * 2 ** i * self.block.expansion for i in range(4))  # per layer output
+
+    def _make_layer(self, planes, num_blocks, stride, dilate):
+        previous_dilation = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
+        out_channels = planes * self.block.expansion
+        downsample = None
+        if stride != 1 or self.in_channels != out_channels:
+            downsample = nn.Sequential(conv1x1(self.in_channels, out_channels, stride),
+                                       nn.BatchNorm2d(out_channels))
+        blocks = [self.block(self.in_channels, planes, stride, previous_dilation, downsample)]
+        self.in_channels = out_channels
+        blocks += [self.block(out_channels, planes, 1, self.dilation) for _ in range(1, num_blocks)]
+        return nn.Sequential(*blocks)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c1 = self.layer1(x)
+        c2 = self.layer2(c1)
+        c3 = self.layer3(c2)
+        c4 = self.layer4(c3)
+        return c1, c2, c3, c4
+
+
+# -----------------------------------------------------------------------------
+# DeepLabV3 head
+
+def conv_bn_relu(in_channels, out_channels, kernel_size=1, dilation=1):
+    padding = dilation * (kernel_size - 1) // 2
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ImagePooling(nn.Module):
+    """ASPP's image-level branch: global average pool, 1x1 conv, norm, ReLU, broadcast back."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        # Not BatchNorm: on the 1 x 1 pooled map a batch of one image has a single value per
+        # channel, and BatchNorm in training raises on it (CIRKD crashes there with one image per
+        # GPU). GroupNorm with one group normalises each image over its channels instead: it needs
+        # no batch, has no running statistics (same in train and eval), works for any channel
+        # count, and SyncBatchNorm conversion leaves it alone, as it needs nothing from other GPUs.
+        self.norm = nn.GroupNorm(1, out_channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        y = self.relu(self.norm(self.conv(F.adaptive_avg_pool2d(x, 1))))
+        return y.expand(-1, -1, h, w)  # bilinear upsampling of a 1 x 1 map is this broadcast
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: a 1x1 branch, three dilated 3x3 branches, image pooling,
+    concatenated and projected back to out_channels by a 1x1 conv-BN-ReLU."""
+
+    def __init__(self, in_channels, out_channels, rates):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [conv_bn_relu(in_channels, out_channels, 1)]
+            + [conv_bn_relu(in_channels, out_channels, 3, dilation=rate) for rate in rates]
+            + [ImagePooling(in_channels, out_channels)]
+        )
+        self.project = conv_bn_relu(out_channels * len(self.branches), out_channels, 1)
+
+    def forward(self, x):
+        return self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
+
+
+class FCNHead(nn.Module):
+    """Auxiliary head on layer3 (torchvision's FCNHead): 3x3 conv-BN-ReLU to in/4 channels,
+    dropout 0.1, 1x1 classifier."""
+
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        hidden = max(1, in_channels // 4)
+        self.block = conv_bn_relu(in_channels, hidden, 3)
+        self.dropout = nn.Dropout(0.1)
+        self.classifier = nn.Conv2d(hidden, num_classes, 1)
+
+    def forward(self, x):
+        return self.classifier(self.dropout(self.block(x)))
+
+
+class DeepLabV3(nn.Module):
+    """
+    backbone -> ASPP -> 3x3 conv-BN-ReLU ("feat") -> dropout 0.1 -> 1x1 classifier ("out"),
+    plus an FCN head on layer3 ("aux", training only). Nothing is upsampled: the losses work at
+    the head's resolution (1/output_stride of the input) and the caller resizes as it needs.
+    """
+
+    def __init__(self, backbone, num_classes, head_channels, aspp_rates, aux=True):
+        super().__init__()
+        self.backbone = backbone
+        self.aspp = ASPP(backbone.channels[3], head_channels, aspp_rates)
+        self.head = conv_bn_relu(head_channels, head_channels, 3)
+        self.dropout = nn.Dropout(0.1)
+        self.classifier = nn.Conv2d(head_channels, num_classes, 1)
+        self.aux_head = FCNHead(backbone.channels[2], num_classes) if aux else None
+
+    def forward(self, x):
+        _, _, c3, c4 = self.backbone(x)
+        feat = self.head(self.aspp(c4))
+        result = {"out": self.classifier(self.dropout(feat)), "feat": feat}
+        if self.training and self.aux_head is not None:
+            result["aux"] = self.aux_head(c3)
+        return result
+
+
+def init_weights(model):
+    """torchvision's ResNet init: Kaiming-normal (fan_out, ReLU) convs, norm weight 1 / bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# -----------------------------------------------------------------------------
+# loading torchvision checkpoints
+
+def _key_list(keys, limit=10):
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_backbone(backbone, path):
+    """
+    Load a torchvision ResNet state dict from `path` into `backbone`, strictly except for fc.*.
+    The file may hold the state dict itself or wrap it under "state_dict" or "model"; a DDP
+    "module." prefix is stripped. Anything else raises ValueError naming every problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained backbone file not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    state = checkpoint
+    if isinstance(checkpoint, dict):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(checkpoint.get(wrapper), dict):
+                state = checkpoint[wrapper]
+                break
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors (a plain dict, or one under "
+                         f"'state_dict' or 'model'); found {type(state).__name__}")
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+    expected = backbone.state_dict()
+    # old torchvision checkpoints predate BatchNorm's num_batches_tracked; torch fills it in
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} (file {tuple(v.shape)}, model {tuple(expected[k].shape)})"
+                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        problems = [f"{len(missing)} missing keys: {_key_list(missing)}" if missing else "",
+                    f"{len(unexpected)} unexpected keys: {_key_list(unexpected)}" if unexpected else "",
+                    f"{len(mismatched)} shape mismatches: {_key_list(mismatched)}" if mismatched else ""]
+        raise ValueError(f"{path} does not fit a ResNet-{backbone.depth} backbone at width "
+                         f"{backbone.width} (expected torchvision's resnet{backbone.depth} state dict, "
+                         f"fc.* ignored): " + "; ".join(p for p in problems if p))
+    backbone.load_state_dict(state, strict=True)
+
+
+# -----------------------------------------------------------------------------
+
+def build_model(name, num_classes, pretrained_backbone=None, *, width=1.0, output_stride=8,
+                head_channels=None, aux=True):
+    """
+    DeepLabV3 on a dilated ResNet. name: one of MODEL_NAMES. width scales every backbone width
+    (64 * width base channels) and the default head width (128 for resnet18/34, the student;
+    256 for resnet50/101, the teacher); an explicit head_channels is used as given.
+    output_stride 8 dilates layer3 (2) and layer4 (4), ASPP rates 12/24/36; 16 dilates layer4
+    only, rates 6/12/18. pretrained_backbone: path to a torchvision ResNet state dict.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if output_stride not in DILATIONS:
+        raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
+    if not (isinstance(width, (int, float)) and width > 0):
+        raise ValueError(f"width must be a positive number, got {width!r}")
+    depth = int(name.rsplit("resnet", 1)[1])
+    if head_channels is None:
+        head_channels = scaled(128 if depth < 50 else 256, width)
+    if isinstance(head_channels, bool) or not isinstance(head_channels, int) or head_channels < 1:
+        raise ValueError(f"head_channels must be a positive int or None, got {head_channels!r}")
+
+    backbone = ResNet(depth, width, DILATIONS[output_stride])
+    model = DeepLabV3(backbone, num_classes, head_channels, ASPP_RATES[output_stride], aux)
+    init_weights(model)
+    if pretrained_backbone is not None:
+        load_backbone(model.backbone, pretrained_backbone)
+    return model
