@@ -1,0 +1,148 @@
+"""
+Evaluate a train.py checkpoint: per-class IoU and Acc, aAcc, mAcc and mIoU on whole images.
+
+    python eval.py --ckpt runs/voc_deeplabv3_resnet18_fckd/best.pt
+    python eval.py --ckpt best.pt --flip --scales 0.5 0.75 1.0 1.25 1.5 1.75
+    python eval.py --ckpt best.pt --window 512 1024          # sliding window, for large images
+    torchrun --nproc_per_node=8 eval.py --ckpt best.pt        # each rank a share of the images
+    python eval.py --ckpt student.pt --teacher-ckpt teacher.pt --save-dir pictures
+
+The model, dataset and data root come from the checkpoint; --dataset/--data-root/--split
+override them. --save-dir writes, for the first --save-max images, image | label | prediction
+side by side, and with --teacher-ckpt the teacher's normalised pixel entropy and FCKD's hard
+condensation matrix (white = pixels FCKD distils, black = pixels it drops) as grey pictures.
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from data import DATASET_NAMES, IGNORE_INDEX, MEAN, STD, build_dataset
+from fckd import condensation_matrix, pixel_entropy
+from utils import (autocast, evaluate, format_metrics, is_main, model_from_checkpoint, resolve_amp, run_cli,
+                   segmentation_metrics, setup_distributed, synthetic_options, teardown_distributed, upsample)
+
+IGNORE_COLOUR = (255, 255, 255)  # white: several palettes use black for a real class
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt or last.pt)")
+    p.add_argument("--dataset", choices=DATASET_NAMES, help="default: the checkpoint's")
+    p.add_argument("--data-root", help="default: the checkpoint's, when the dataset is the checkpoint's")
+    p.add_argument("--split", default="val", help="val (default), or test for camvid")
+    p.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="image scales to average over (default: 1.0)")
+    p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), help="sliding-window size (default: whole image)")
+    p.add_argument("--amp", choices=("bf16", "fp16", "off"), help="autocast dtype (default: bf16 on CUDA, off on CPU)")
+    p.add_argument("--workers", type=int, help="data loading processes per rank (default: the training run's)")
+    p.add_argument("--json", help="write aAcc, mAcc, mIoU (percent) and per_class to this file")
+    p.add_argument("--save-dir", help="write colour-coded predictions (and teacher pictures) here")
+    p.add_argument("--save-max", type=int, default=20, help="pictures of the first N images (default: %(default)s)")
+    p.add_argument("--teacher-ckpt", help="with --save-dir: also picture this teacher's entropy and condensation")
+    p.add_argument("--fckd-threshold", type=float, help="entropy threshold of the pictured condensation matrix "
+                   "(default: the student's --fckd-threshold if it was trained with one, else 0.5)")
+    args = p.parse_args(argv)
+    if any(s <= 0 for s in args.scales):
+        p.error(f"--scales must be positive, got {args.scales}")
+    if args.window and min(args.window) < 1:
+        p.error(f"--window must be positive, got {args.window}")
+    if args.teacher_ckpt and not args.save_dir:
+        p.error("--teacher-ckpt is only used for the pictures: pass --save-dir too")
+    return args
+
+
+def colourise(label, palette):
+    """H x W class ids -> H x W x 3 uint8, IGNORE_COLOUR for 255."""
+    lut = np.zeros((256, 3), np.uint8)
+    lut[:len(palette)] = palette
+    lut[IGNORE_INDEX] = IGNORE_COLOUR
+    return lut[label.cpu().numpy()]
+
+
+def to_rgb(image):
+    """Normalised 3 x H x W image -> H x W x 3 uint8, undoing data.py's MEAN/STD."""
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    rgb = (image.float().cpu() * std + mean).clamp(0, 1) * 255
+    return rgb.round().byte().permute(1, 2, 0).numpy()
+
+
+def to_grey(values):
+    """1 x 1 x H x W in [0, 1] -> H x W uint8."""
+    return (values[0, 0].float().clamp(0, 1) * 255).round().byte().cpu().numpy()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    _, _, device = setup_distributed()
+    try:
+        evaluate_checkpoint(args, device)
+    finally:
+        teardown_distributed()
+
+
+def evaluate_checkpoint(args, device):
+    model, checkpoint = model_from_checkpoint(args.ckpt)
+    trained = checkpoint["args"]
+    dataset_name = args.dataset or checkpoint["dataset"]
+    if dataset_name == checkpoint["dataset"]:
+        data_root = args.data_root or trained.get("data_root")
+        options = synthetic_options(dataset_name, trained.get("synthetic_length"), trained.get("synthetic_size"))
+    else:
+        data_root, options = args.data_root, {}
+    dataset = build_dataset(dataset_name, data_root, args.split, train=False, **options)
+    if dataset.num_classes != checkpoint["num_classes"]:
+        raise ValueError(f"{args.ckpt} predicts {checkpoint['num_classes']} classes, the {dataset_name} set has "
+                         f"{dataset.num_classes}")
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    amp = resolve_amp(args.amp, device)
+    workers = args.workers if args.workers is not None else trained.get("workers", 0)
+
+    teacher = None
+    if args.teacher_ckpt:
+        teacher, teacher_checkpoint = model_from_checkpoint(args.teacher_ckpt)
+        if teacher_checkpoint["num_classes"] != dataset.num_classes:
+            raise ValueError(f"teacher checkpoint {args.teacher_ckpt} predicts {teacher_checkpoint['num_classes']} "
+                             f"classes, the {dataset_name} set has {dataset.num_classes}")
+        teacher.eval().to(device, memory_format=memory_format)
+    threshold = args.fckd_threshold if args.fckd_threshold is not None else trained.get("fckd_threshold", 0.5)
+
+    def save_pictures(index, image, label, prediction):
+        if index >= args.save_max:
+            return
+        stem = os.path.join(args.save_dir, f"{index:05d}")
+        panels = [to_rgb(image[0]), colourise(label[0], dataset.palette), colourise(prediction[0], dataset.palette)]
+        Image.fromarray(np.concatenate(panels, axis=1)).save(stem + ".png")
+        if teacher is not None:
+            with torch.no_grad(), autocast(device, amp):
+                logits = teacher(image)["out"].float()
+            size = image.shape[-2:]
+            entropy = upsample(pixel_entropy(logits), size)
+            keep = F.interpolate(condensation_matrix(logits, "hard", threshold), size=size, mode="nearest")
+            Image.fromarray(to_grey(entropy)).save(stem + "_entropy.png")
+            Image.fromarray(to_grey(keep)).save(stem + "_condensation.png")
+
+    if args.save_dir:
+        os.makedirs(args.save_dir, exist_ok=True)
+    window = tuple(args.window) if args.window else None
+    confusion = evaluate(model, dataset, device, amp, tuple(args.scales), args.flip, window, workers,
+                         on_image=save_pictures if args.save_dir else None)
+    metrics = segmentation_metrics(confusion, dataset.class_names)
+    if is_main():
+        print(f"{args.ckpt} on {dataset_name} {args.split} ({len(dataset)} images; scales {args.scales}"
+              f"{', flip' if args.flip else ''}{f', window {window}' if window else ''})")
+        print(format_metrics(metrics))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"checkpoint": args.ckpt, "dataset": dataset_name, "split": args.split, **metrics}, f,
+                          indent=1)
+
+
+if __name__ == "__main__":
+    run_cli(main)

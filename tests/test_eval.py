@@ -1,0 +1,144 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as evaluate_script
+import train
+from data import MEAN, STD, build_dataset
+from fckd import condensation_matrix, pixel_entropy
+from utils import load_checkpoint, model_from_checkpoint, run_cli, save_checkpoint, upsample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = build_dataset("synthetic", None, "val", False, length=1, image_size=32).class_names
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These nets are tiny: one thread is faster, and on a shared CPU much faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny student trained for 2 iterations on 7 synthetic images per split (an odd count, so
+    2 ranks get unequal shares), and its folder."""
+    out = tmp_path_factory.mktemp("student")
+    train.main(["--synthetic-length", "7", "--synthetic-size", "32", "--width", "0.125", "--batch-size", "2",
+                "--workers", "0", "--iters", "2", "--out", str(out)])
+    return out
+
+
+def run_eval(capsys, *flags):
+    evaluate_script.main([str(f) for f in flags])
+    return capsys.readouterr().out
+
+
+def test_eval_prints_the_table_and_writes_json_equal_to_the_training_validation(trained, tmp_path, capsys):
+    out = run_eval(capsys, "--ckpt", trained / "last.pt", "--json", tmp_path / "m.json")
+    lines = out.strip().splitlines()
+    assert lines[0].startswith(f"{trained / 'last.pt'} on synthetic val (7 images")
+    assert [line.split()[0] for line in lines[2:2 + len(CLASSES)]] == [name.split()[0] for name in CLASSES]
+    assert lines[-1].startswith("aAcc ") and " mAcc " in lines[-1] and " mIoU " in lines[-1]
+
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(metrics) >= {"aAcc", "mAcc", "mIoU", "per_class"}
+    assert list(metrics["per_class"]) == list(CLASSES)
+    assert all(set(m) == {"IoU", "Acc"} for m in metrics["per_class"].values())
+    assert all(0 <= metrics[k] <= 100 for k in ("aAcc", "mAcc", "mIoU"))
+    # the same weights on the same images: exactly what train.py logged at its final validation
+    with open(trained / "log.jsonl") as f:
+        final_val = [json.loads(line) for line in f if '"val"' in line][-1]["val"]
+    assert {k: metrics[k] for k in ("aAcc", "mAcc", "mIoU")} == final_val
+
+
+def test_flip_scales_and_window_run_and_stay_in_range(trained, tmp_path, capsys):
+    run_eval(capsys, "--ckpt", trained / "last.pt", "--flip", "--scales", "0.75", "1.0", "1.5",
+             "--window", 24, 24, "--json", tmp_path / "m.json")
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert all(0 <= metrics[k] <= 100 for k in ("aAcc", "mAcc", "mIoU"))
+
+
+def test_save_dir_writes_predictions_and_the_teachers_entropy_and_condensation(trained, tmp_path, capsys):
+    pictures = tmp_path / "pictures"
+    run_eval(capsys, "--ckpt", trained / "last.pt", "--teacher-ckpt", trained / "best.pt", "--save-dir", pictures,
+             "--save-max", 3, "--fckd-threshold", 0.9)
+    assert sorted(os.listdir(pictures)) == sorted(f"{i:05d}{suffix}.png" for i in range(3)
+                                                  for suffix in ("", "_entropy", "_condensation"))
+    dataset = build_dataset("synthetic", None, "val", False, length=7, image_size=32)
+    image, label = dataset[1]
+    side_by_side = np.asarray(Image.open(pictures / "00001.png"))
+    assert side_by_side.shape == (32, 96, 3)
+    # the middle panel is the label in the dataset's palette
+    palette = np.array(dataset.palette, dtype=np.uint8)
+    assert np.array_equal(side_by_side[:, 32:64], palette[label.numpy()])
+    # the first panel is the image, un-normalised
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    rgb = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    assert np.abs(side_by_side[:, :32].astype(int) - rgb).max() <= 1
+
+    # the teacher pictures: its normalised entropy and its hard condensation matrix at threshold 0.9
+    teacher, _ = model_from_checkpoint(trained / "best.pt")
+    with torch.no_grad():
+        logits = teacher.eval()(image[None])["out"]
+    expected_entropy = upsample(pixel_entropy(logits), (32, 32))[0, 0].numpy() * 255
+    expected_keep = torch.nn.functional.interpolate(condensation_matrix(logits, "hard", 0.9), size=(32, 32))
+    entropy = Image.open(pictures / "00001_entropy.png")
+    condensation = Image.open(pictures / "00001_condensation.png")
+    assert entropy.mode == condensation.mode == "L" and entropy.size == condensation.size == (32, 32)
+    assert np.abs(np.asarray(entropy) - expected_entropy).max() <= 1
+    assert np.array_equal(np.asarray(condensation), expected_keep[0, 0].numpy().astype(np.uint8) * 255)
+
+
+def test_two_cpu_ranks_give_the_metrics_of_one_process(trained, tmp_path):
+    ckpt = str(trained / "last.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "eval.py", "--ckpt", ckpt, "--json", str(tmp_path / "one.json")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "eval.py", "--ckpt", ckpt, "--json", str(tmp_path / "two.json"),
+                          "--save-dir", str(tmp_path / "pictures")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # 7 images over 2 ranks: 4 + 3, none counted twice, so the confusion matrix (and every metric) agrees
+    assert json.loads((tmp_path / "two.json").read_text()) == {
+        **json.loads((tmp_path / "one.json").read_text()), "checkpoint": ckpt}
+    assert sorted(os.listdir(tmp_path / "pictures")) == [f"{i:05d}.png" for i in range(7)]
+    assert two.stdout.count("aAcc ") == 1  # only rank 0 prints
+
+
+def cli_error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: evaluate_script.main(argv))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_clear_errors(trained, tmp_path, capsys):
+    missing = str(tmp_path / "missing.pt")
+    assert cli_error(capsys, ["--ckpt", missing]) == f"error: checkpoint not found: {missing}"
+
+    wrong = load_checkpoint(trained / "last.pt")
+    wrong["num_classes"] = 4
+    wrong["model"] = {k: v[:4] if k.endswith(("classifier.weight", "classifier.bias")) else v
+                      for k, v in wrong["model"].items()}
+    save_checkpoint(wrong, tmp_path / "four_classes.pt")
+    err = cli_error(capsys, ["--ckpt", str(tmp_path / "four_classes.pt")])
+    assert err == f"error: {tmp_path / 'four_classes.pt'} predicts 4 classes, the synthetic set has 10"
+    err = cli_error(capsys, ["--ckpt", str(trained / "last.pt"), "--teacher-ckpt", str(tmp_path / "four_classes.pt"),
+                             "--save-dir", str(tmp_path / "p")])
+    assert err == (f"error: teacher checkpoint {tmp_path / 'four_classes.pt'} predicts 4 classes, "
+                   "the synthetic set has 10")
+
+    with pytest.raises(SystemExit):
+        evaluate_script.parse_args(["--ckpt", "x.pt", "--teacher-ckpt", "t.pt"])
+    assert "pass --save-dir too" in capsys.readouterr().err

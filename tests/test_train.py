@@ -1,0 +1,304 @@
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+import train
+from data import build_dataset
+from fckd import FCKDLoss
+from models import build_model
+from utils import CHECKPOINT_KEYS, load_checkpoint, run_cli, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These nets are tiny: one thread is faster, and on a shared CPU much faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# 16 synthetic 32 x 32 images per split, 8-channel nets, 4 batches of 4 per epoch
+TINY = ["--synthetic-length", "16", "--synthetic-size", "32", "--width", "0.125", "--batch-size", "4",
+        "--workers", "0", "--log-every", "1"]
+
+
+def run(out, *flags):
+    train.main(TINY + ["--out", str(out)] + [str(f) for f in flags])
+    return load_checkpoint(os.path.join(out, "last.pt"))
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_state(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for key in a:
+        if exact or not a[key].is_floating_point():
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    """A ResNet-50 teacher (a different architecture from the student), 2 iterations."""
+    out = tmp_path_factory.mktemp("teacher")
+    run(out, "--model", "deeplabv3_resnet50", "--iters", 2)
+    return os.path.join(out, "last.pt")
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """The student without distillation, 2 iterations: what each --kd run starts from."""
+    out = tmp_path_factory.mktemp("baseline")
+    return run(out, "--iters", 2)
+
+
+# -----------------------------------------------------------------------------
+# the three jobs
+
+
+def test_training_writes_checkpoints_log_and_a_final_json_summary(tmp_path, capsys):
+    ckpt = run(tmp_path, "--iters", 3, "--val-every", 2)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    assert set(CHECKPOINT_KEYS) <= set(ckpt)
+    assert ckpt["iteration"] == 3 and ckpt["num_classes"] == 10 and ckpt["dataset"] == "synthetic"
+    assert ckpt["model_name"] == "deeplabv3_resnet18"
+    assert ckpt["model_options"] == {"width": 0.125, "output_stride": 8, "head_channels": None}
+    assert ckpt["args"]["iters"] == 3 and json.dumps(ckpt["args"])  # plain, JSON-able args
+
+    log = read_log(tmp_path)
+    steps = [r for r in log if "loss" in r]
+    vals = [r for r in log if "val" in r]
+    assert [r["iter"] for r in steps] == [1, 2, 3]
+    assert [r["lr"] for r in steps] == pytest.approx([0.01 * (1 - i / 3) ** 0.9 for i in range(3)])
+    for r in steps:
+        assert r["loss"] == pytest.approx(r["ce"] + r["aux"], rel=1e-5)
+    assert [r["iter"] for r in vals] == [2, 3]
+    best = max(vals, key=lambda r: r["val"]["mIoU"])
+    assert summary["best_mIoU"] == best["val"]["mIoU"] and summary["best_iteration"] == best["iter"]
+    assert summary["last_mIoU"] == vals[-1]["val"]["mIoU"] and summary["iterations"] == 3
+    assert load_checkpoint(tmp_path / "best.pt")["iteration"] == best["iter"]
+
+
+@pytest.mark.parametrize("kd", ["fckd", "kd", "cwd"])
+def test_distilled_student_trains_with_a_frozen_teacher_from_its_checkpoint(tmp_path, kd, teacher_ckpt, baseline):
+    teacher_before = load_checkpoint(teacher_ckpt)["model"]
+    # a 2-iteration teacher is unsure everywhere: threshold 1 keeps every pixel, so the FCKD term is not 0
+    ckpt = run(tmp_path, "--iters", 2, "--teacher-ckpt", teacher_ckpt, "--kd", kd, "--fckd-threshold", 1.0)
+
+    steps = [r for r in read_log(tmp_path) if "loss" in r]
+    for r in steps:
+        assert r["kd"] > 0 and r["loss"] == pytest.approx(r["ce"] + r["aux"] + r["kd"], rel=1e-5)
+        assert r.get("keep_ratio") == (1.0 if kd == "fckd" else None)
+    # the first step starts from the baseline's weights, so a different result is the kd term's doing
+    assert any(not torch.equal(v, baseline["model"][k]) for k, v in ckpt["model"].items() if v.is_floating_point())
+    assert_same_state(load_checkpoint(teacher_ckpt)["model"], teacher_before)
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path, teacher_ckpt):
+    ckpt = run(tmp_path, "--iters", 1, "--teacher-ckpt", teacher_ckpt, "--amp", "bf16", "--fckd-threshold", 1.0)
+    assert ckpt["args"]["amp"] == "bf16"
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in read_log(tmp_path)[0].items() if k != "iter")
+    assert ckpt["model"]["classifier.weight"].dtype == torch.float32  # autocast leaves the weights in fp32
+
+
+def test_fckd_flags_default_to_fckdloss_defaults():
+    args = train.parse_args(["--teacher-ckpt", "t.pt"])
+    assert args.kd == "fckd"
+    defaults = {name: p.default for name, p in inspect.signature(FCKDLoss).parameters.items()}
+    assert defaults == {"condense": args.fckd_condense, "threshold": args.fckd_threshold, "enhance": args.fckd_enhance,
+                        "gamma": args.fckd_gamma, "tau_spatial": args.tau_spatial, "tau_channel": args.tau_channel,
+                        "lambda_spatial": args.lambda_spatial, "lambda_channel": args.lambda_channel}
+
+
+def test_per_dataset_defaults():
+    synthetic = train.parse_args([])
+    assert (synthetic.model, synthetic.width) == ("deeplabv3_resnet18", 0.25)
+    assert synthetic.out == os.path.join("runs", "synthetic_deeplabv3_resnet18")
+    voc = train.parse_args(["--dataset", "voc", "--lr", "0.01"])
+    assert (voc.iters, voc.batch_size, voc.lr, voc.crop_size, voc.width) == (40000, 16, 0.01, [512, 512], 1.0)
+    assert train.parse_args(["--dataset", "cityscapes"]).crop_size == [512, 1024]
+    assert train.parse_args(["--dataset", "camvid"]).crop_size == [360, 360]
+
+
+# -----------------------------------------------------------------------------
+# resume
+
+
+def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path, monkeypatch):
+    flags = ["--iters", 7, "--val-every", 3, "--save-every", 5]  # last.pt at 3, 5, 6, 7; validation at 3, 6, 7
+    uninterrupted = run(tmp_path / "a", *flags)
+
+    real_losses, calls = train.train_losses, []
+
+    def crash_in_step_6(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # weights are at step 5, last.pt too, mid-epoch (4 steps per epoch)
+        return real_losses(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_losses", crash_in_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", *flags)
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["iteration"] == 5
+    monkeypatch.setattr(train, "train_losses", real_losses)
+
+    # resume with a data worker process: augmentation is seeded per sample, so it does not matter
+    resumed = run(tmp_path / "b", *flags, "--resume", "auto", "--workers", 1)
+    assert resumed["iteration"] == 7
+    assert_same_state(resumed["model"], uninterrupted["model"])
+    for a, b in zip(resumed["optimizer"]["state"].values(), uninterrupted["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert resumed["best_miou"] == uninterrupted["best_miou"]
+    assert [r["lr"] for r in read_log(tmp_path / "b") if "lr" in r][-2:] == \
+        [r["lr"] for r in read_log(tmp_path / "a") if "lr" in r][-2:]
+
+
+def test_seeded_samples_repeat_per_epoch_and_leave_the_global_rng_alone():
+    data = train.SeededSamples(build_dataset("synthetic", None, "train", True, length=4, image_size=32), seed=0)
+    state = torch.get_rng_state()
+    first = data[(0, 3)][0]
+    assert torch.equal(data[(0, 3)][0], first)  # the same sample in the same epoch: the same augmentation
+    later = [data[(epoch, 3)][0] for epoch in range(1, 8)]  # the synthetic set's augmentation is a random flip
+    assert any(torch.equal(x, first) for x in later) and any(torch.equal(x, first.flip(-1)) for x in later)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_resumable_sampler_skips_the_consumed_part_of_an_epoch():
+    dataset = list(range(11))
+    full = list(train.ResumableSampler(dataset, 2, 1, seed=3))
+    assert len(full) == 5 and all(epoch == 0 for epoch, _ in full)
+    sampler = train.ResumableSampler(dataset, 2, 1, seed=3)
+    sampler.start = 2
+    assert list(sampler) == full[2:] and len(sampler) == 3
+    sampler.set_epoch(1)
+    sampler.start = 0
+    assert [i for _, i in sampler] != [i for _, i in full]
+
+
+# -----------------------------------------------------------------------------
+# DDP
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_accumulating_the_same_micro_batches(tmp_path):
+    flags = TINY + ["--iters", "3", "--out", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train.py", *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["iterations"] == 3
+    assert result.stdout.count("iteration 3: aAcc") == 1  # only rank 0 prints
+    ddp = load_checkpoint(tmp_path / "last.pt")
+    assert len(ddp["rng"]) == 2
+
+    # the reference: one process, rank r's micro-batch and dropout RNG in turn, gradients averaged;
+    # BatchNorm statistics are rank 0's (DDP broadcasts rank 0's buffers before every forward)
+    args = train.parse_args(flags)
+    world, per_rank = 2, args.batch_size // 2
+    train_set = build_dataset("synthetic", None, "train", True, length=16, image_size=32)
+    data = train.SeededSamples(train_set, args.seed)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, 10, width=args.width)
+    rng = []
+    for rank in range(world):
+        torch.manual_seed(args.seed + rank)
+        rng.append(torch.get_rng_state())
+    samplers = [iter(train.ResumableSampler(train_set, world, rank, args.seed)) for rank in range(world)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    for iteration in range(args.iters):
+        for group in optimizer.param_groups:
+            group["lr"] = train.poly_lr(args.lr, iteration, args.iters)
+        optimizer.zero_grad()
+        for rank in range(world):
+            images, labels = default_collate([data[next(samplers[rank])] for _ in range(per_rank)])
+            torch.set_rng_state(rng[rank])
+            (train.train_losses(model, images, labels)["loss"] / world).backward()
+            rng[rank] = torch.get_rng_state()
+            if rank == 0:
+                rank0_buffers = {name: b.clone() for name, b in model.named_buffers()}
+        for name, buffer in model.named_buffers():
+            buffer.copy_(rank0_buffers[name])
+        optimizer.step()
+    reference = model.state_dict()
+    torch.manual_seed(args.seed)
+    initial = build_model(args.model, 10, width=args.width).state_dict()
+    assert not torch.equal(reference["classifier.weight"], initial["classifier.weight"])  # it did train
+    assert_same_state(ddp["model"], reference, exact=False)
+
+
+# -----------------------------------------------------------------------------
+# clear errors
+
+
+def cli_error(capsys, argv):
+    """Run train.py's CLI in-process; return the last line it printed to stderr (after tqdm's
+    progress bar), asserting exit status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: train.main(argv))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+def test_teacher_with_the_wrong_class_count_is_refused(tmp_path, capsys):
+    options = {"width": 0.125, "output_stride": 8, "head_channels": None}
+    teacher = build_model("deeplabv3_resnet18", 4, **options)
+    path = tmp_path / "voc_like_teacher.pt"
+    save_checkpoint({"model": teacher.state_dict(), "optimizer": {}, "scaler": {}, "iteration": 1, "args": {},
+                     "rng": [], "best_miou": None, "num_classes": 4, "dataset": "synthetic",
+                     "model_name": "deeplabv3_resnet18", "model_options": options}, path)
+    err = cli_error(capsys, TINY + ["--out", str(tmp_path / "s"), "--teacher-ckpt", str(path)])
+    assert err.startswith("error: teacher checkpoint") and "predicts 4 classes, the synthetic set has 10" in err
+
+
+def test_teacher_architecture_override_that_does_not_fit_is_refused(tmp_path, capsys, teacher_ckpt):
+    err = cli_error(capsys, TINY + ["--out", str(tmp_path), "--teacher-ckpt", teacher_ckpt,
+                                    "--teacher", "deeplabv3_resnet18"])
+    assert err.startswith(f"error: the weights in {teacher_ckpt} do not fit deeplabv3_resnet18")
+
+
+def test_missing_checkpoints_are_named(tmp_path, capsys):
+    missing = str(tmp_path / "nope.pt")
+    assert cli_error(capsys, TINY + ["--out", str(tmp_path), "--teacher-ckpt", missing]) == \
+        f"error: checkpoint not found: {missing}"
+    assert cli_error(capsys, TINY + ["--out", str(tmp_path), "--resume", missing]) == \
+        f"error: checkpoint not found: {missing}"
+
+
+def test_kd_without_a_teacher_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--kd", "cwd"])
+    assert exit_info.value.code == 2
+    assert "--kd cwd needs a teacher: pass --teacher-ckpt PATH" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    real_losses, calls = train.train_losses, []
+
+    def nan_from_step_4(*args, **kwargs):
+        losses = real_losses(*args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 4:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(train, "train_losses", nan_from_step_4)
+    err = cli_error(capsys, TINY + ["--out", str(tmp_path), "--iters", "6", "--save-every", "2", "--log-every", "5"])
+    last = str(tmp_path / "last.pt")
+    assert err == (f"error: the loss is not finite at iteration 4; training stopped ({last} holds iteration 2, "
+                   "the last good state)")
+    ckpt = load_checkpoint(last)
+    assert ckpt["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

@@ -1,0 +1,220 @@
+import os
+
+import pytest
+import torch
+
+import utils
+from models import build_model
+from utils import (CHECKPOINT_KEYS, confusion_matrix, load_checkpoint, model_from_checkpoint, predict,
+                   run_cli, save_checkpoint, segmentation_metrics, window_starts)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These nets are tiny: one thread is faster, and on a shared CPU much faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def brute_force_metrics(prediction, label, num_classes):
+    """Per-class IoU/Acc (percent, None where undefined) and the means, by counting pixel by pixel."""
+    tp, fp, fn = [0] * num_classes, [0] * num_classes, [0] * num_classes
+    correct = total = 0
+    for p, y in zip(prediction.flatten().tolist(), label.flatten().tolist()):
+        if y == 255:
+            continue
+        total += 1
+        if p == y:
+            tp[y] += 1
+            correct += 1
+        else:
+            fp[p] += 1
+            fn[y] += 1
+    iou = [100 * tp[c] / (tp[c] + fp[c] + fn[c]) if tp[c] + fp[c] + fn[c] else None for c in range(num_classes)]
+    acc = [100 * tp[c] / (tp[c] + fn[c]) if tp[c] + fn[c] else None for c in range(num_classes)]
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values)
+
+    return {"aAcc": 100 * correct / total, "mAcc": mean(acc), "mIoU": mean(iou), "iou": iou, "acc": acc}
+
+
+def test_metrics_match_a_brute_force_count_with_ignored_pixels():
+    generator = torch.Generator().manual_seed(0)
+    num_classes = 6
+    label = torch.randint(0, 4, (3, 17, 23), generator=generator)  # classes 4 and 5 never labelled
+    label[torch.rand(label.shape, generator=generator) < 0.2] = 255
+    prediction = torch.randint(0, 5, label.shape, generator=generator)  # class 4 predicted, 5 never
+    names = [f"c{i}" for i in range(num_classes)]
+
+    confusion = sum(confusion_matrix(p, y, num_classes) for p, y in zip(prediction, label))
+    metrics = segmentation_metrics(confusion, names)
+    expected = brute_force_metrics(prediction, label, num_classes)
+
+    assert confusion.sum() == (label != 255).sum()
+    for key in ("aAcc", "mAcc", "mIoU"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-12)
+    for c, name in enumerate(names):
+        assert metrics["per_class"][name]["IoU"] == pytest.approx(expected["iou"][c], rel=1e-12)
+        assert metrics["per_class"][name]["Acc"] == pytest.approx(expected["acc"][c], rel=1e-12)
+    # the mmseg conventions: predicted-but-unlabelled class 4 has IoU 0 (counted) and no Acc;
+    # class 5, in neither labels nor predictions, is undefined and left out of both means
+    assert metrics["per_class"]["c4"] == {"IoU": 0.0, "Acc": None}
+    assert metrics["per_class"]["c5"] == {"IoU": None, "Acc": None}
+
+
+def test_perfect_prediction_is_100_percent_and_ignore_pixels_do_not_count():
+    label = torch.tensor([[0, 1, 255], [2, 2, 255]])
+    prediction = torch.tensor([[0, 1, 0], [2, 2, 1]])  # wrong only where the label is ignored
+    metrics = segmentation_metrics(confusion_matrix(prediction, label, 3), ["a", "b", "c"])
+    assert (metrics["aAcc"], metrics["mAcc"], metrics["mIoU"]) == (100.0, 100.0, 100.0)
+
+
+def test_confusion_matrix_rejects_out_of_range_ids_and_shape_mismatch():
+    with pytest.raises(ValueError, match="class id >= num_classes"):
+        confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 7]), 3)
+    with pytest.raises(ValueError, match="differ in shape"):
+        confusion_matrix(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long), 3)
+
+
+def test_format_metrics_prints_every_class_and_the_means():
+    metrics = segmentation_metrics(confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 0]), 3), ["x", "y", "z"])
+    text = utils.format_metrics(metrics)
+    assert [line.split()[0] for line in text.splitlines()[1:4]] == ["x", "y", "z"]
+    assert text.splitlines()[-1] == "aAcc 50.00 mAcc 50.00 mIoU 25.00"
+
+
+# -----------------------------------------------------------------------------
+# prediction
+
+
+class PointwiseNet(torch.nn.Module):
+    """A 1x1 conv at full resolution: its logits at a pixel depend on that pixel only, so sliding
+    windows and flips must reproduce the whole-image prediction."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return {"out": self.conv(x)}
+
+
+def test_window_starts_cover_the_image_and_end_flush():
+    assert window_starts(10, 20, 7) == [0]
+    assert window_starts(20, 20, 14) == [0]
+    starts = window_starts(50, 16, 11)
+    assert starts == [0, 11, 22, 33, 34]
+    assert all(b - a <= 11 for a, b in zip(starts, starts[1:]))
+
+
+def test_sliding_window_flip_and_scale_1_agree_with_the_whole_image():
+    torch.manual_seed(0)
+    net = PointwiseNet().eval()
+    image = torch.randn(1, 3, 21, 30)
+    whole = predict(net, image)
+    assert whole.shape == (1, 4, 21, 30)
+    assert torch.allclose(whole.sum(1), torch.ones(1, 21, 30))
+    assert torch.allclose(predict(net, image, window=(8, 11)), whole, atol=1e-6)
+    assert torch.allclose(predict(net, image, window=(40, 40)), whole, atol=1e-6)
+    assert torch.allclose(predict(net, image, flip=True), whole, atol=1e-6)
+    multi = predict(net, image, scales=(0.5, 1.0, 1.5), flip=True)
+    assert multi.shape == whole.shape and torch.allclose(multi.sum(1), torch.ones(1, 21, 30))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def tiny_checkpoint(num_classes=3, name="deeplabv3_resnet18"):
+    options = {"width": 0.125, "output_stride": 8, "head_channels": None}
+    model = build_model(name, num_classes, **options)
+    return {"model": model.state_dict(), "optimizer": {}, "scaler": {}, "iteration": 0, "args": {}, "rng": [],
+            "best_miou": None, "num_classes": num_classes, "dataset": "synthetic", "model_name": name,
+            "model_options": options}
+
+
+def test_save_then_load_round_trip(tmp_path):
+    path = tmp_path / "ck.pt"
+    checkpoint = tiny_checkpoint()
+    save_checkpoint(checkpoint, path)
+    loaded = load_checkpoint(path)
+    assert set(loaded) == set(CHECKPOINT_KEYS)
+    assert all(torch.equal(loaded["model"][k], v) for k, v in checkpoint["model"].items())
+    assert os.listdir(tmp_path) == ["ck.pt"]  # no temporary file left behind
+
+
+def test_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"iteration": 1}, path)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def save_half_then_fail(obj, f):
+        real_save(obj, f)
+        f.truncate(10)  # as if the disk filled up mid-write
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint({"iteration": 2}, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_load_checkpoint_errors_name_the_file(tmp_path):
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(missing)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pt is not a readable checkpoint"):
+        load_checkpoint(garbage)
+    partial = tmp_path / "partial.pt"
+    torch.save({"model": {}, "iteration": 3}, partial)
+    with pytest.raises(ValueError, match="partial.pt is not a train.py checkpoint: it lacks optimizer"):
+        load_checkpoint(partial)
+    state_dict_only = tmp_path / "weights.pt"
+    torch.save([torch.zeros(1)], state_dict_only)
+    with pytest.raises(ValueError, match="weights.pt .* holds a list"):
+        load_checkpoint(state_dict_only)
+
+
+def test_model_from_checkpoint_builds_the_saved_architecture_and_rejects_a_wrong_one(tmp_path):
+    path = tmp_path / "teacher.pt"
+    checkpoint = tiny_checkpoint(num_classes=4, name="deeplabv3_resnet50")
+    save_checkpoint(checkpoint, path)
+    model, loaded = model_from_checkpoint(path)
+    assert model.classifier.out_channels == 4 and loaded["model_name"] == "deeplabv3_resnet50"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in checkpoint["model"].items())
+    with pytest.raises(ValueError, match="teacher.pt do not fit deeplabv3_resnet18"):
+        model_from_checkpoint(path, "deeplabv3_resnet18")
+
+
+def test_run_cli_turns_input_errors_into_one_line_and_exit_status_2(capsys):
+    def bad_input():
+        raise ValueError("label x.png has values [300]")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(bad_input)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: label x.png has values [300]\n"
+
+    def bug():
+        raise KeyError("a real bug keeps its traceback")
+
+    with pytest.raises(KeyError):
+        run_cli(bug)
+
+
+def test_amp_default_is_bf16_on_cuda_and_off_on_cpu():
+    assert utils.resolve_amp(None, torch.device("cpu")) == "off"
+    assert utils.resolve_amp(None, torch.device("cuda")) == "bf16"
+    assert utils.resolve_amp("fp16", torch.device("cpu")) == "fp16"

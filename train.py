@@ -1,0 +1,458 @@
+"""
+Train a DeepLabV3 teacher, a baseline student, or a student distilled with FCKD, KD or CWD.
+
+    python train.py                                                 # small student, synthetic set, CPU
+    python train.py --dataset voc --model deeplabv3_resnet101 --pretrained-backbone resnet101.pth
+    torchrun --nproc_per_node=8 train.py --dataset voc --pretrained-backbone resnet18.pth \
+        --teacher-ckpt runs/voc_deeplabv3_resnet101/best.pt --kd fckd
+
+One iteration-based loop. Each step: poly learning rate, SGD (momentum 0.9), loss
+    CE(up(out), y) + 0.4 CE(up(aux), y) [+ distillation(student logits, teacher logits)]
+where up() resizes the logits to the label size and the distillation term compares logits at
+the nets' own resolution (FCKDLoss, spatial_kd or channel_kd from fckd.py). The teacher is
+frozen, in eval mode, runs under no_grad and is never wrapped in DDP.
+
+Launched by torchrun this is DDP (NCCL on GPUs, gloo on CPUs; --batch-size is global). OUT/last.pt
+is written every --save-every iterations and at each validation; `--resume auto` continues from
+it exactly: same weights, optimiser, LR, RNG states and position in the epoch's shuffled order.
+"""
+
+import argparse
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from data import DATASET_NAMES, IGNORE_INDEX, build_dataset
+from fckd import CONDENSE_MODES, FCKDLoss, channel_kd, spatial_kd
+from models import MODEL_NAMES, build_model
+from utils import (all_reduce, autocast, evaluate, is_main, load_checkpoint, load_state, model_from_checkpoint,
+                   metrics_line, resolve_amp, run_cli, save_checkpoint, segmentation_metrics, setup_distributed,
+                   synthetic_options, teardown_distributed, upsample)
+
+# Per-dataset defaults for every flag left unset. The real sets follow the CIRKD protocol (SGD,
+# lr 0.02 at global batch 16, poly 0.9, 40k iterations); the lr is not rescaled with --batch-size.
+# The synthetic numbers size the CPU quick start (provisional: set from the measured time budget).
+DATASET_DEFAULTS = {
+    "synthetic": dict(data_root=None, width=0.25, iters=300, batch_size=8, lr=0.01, crop_size=None,
+                      val_every=None, save_every=100, workers=0),  # val_every None: at the end only
+    "voc": dict(data_root="data/VOCdevkit/VOC2012", width=1.0, iters=40000, batch_size=16, lr=0.02,
+                crop_size=[512, 512], val_every=4000, save_every=1000, workers=4),
+    "cityscapes": dict(data_root="data/cityscapes", width=1.0, iters=40000, batch_size=16, lr=0.02,
+                       crop_size=[512, 1024], val_every=4000, save_every=1000, workers=4),
+    "camvid": dict(data_root="data/camvid", width=1.0, iters=40000, batch_size=16, lr=0.02,
+                   crop_size=[360, 360], val_every=4000, save_every=1000, workers=4),
+}
+MOMENTUM = 0.9
+POLY_POWER = 0.9
+AUX_WEIGHT = 0.4
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    per_dataset = "default: per dataset, see DATASET_DEFAULTS in train.py"
+    p.add_argument("--dataset", choices=DATASET_NAMES, default="synthetic", help="default: %(default)s")
+    p.add_argument("--data-root", help=f"dataset folder; {per_dataset}")
+    p.add_argument("--synthetic-length", type=int, help="images per split of the synthetic set (default: data.py's)")
+    p.add_argument("--synthetic-size", type=int, help="side of the synthetic images in pixels (default: data.py's)")
+    p.add_argument("--model", choices=MODEL_NAMES, default="deeplabv3_resnet18", help="default: %(default)s")
+    p.add_argument("--width", type=float, help=f"width multiplier of the model; {per_dataset}")
+    p.add_argument("--output-stride", type=int, choices=(8, 16), default=8, help="default: %(default)s")
+    p.add_argument("--pretrained-backbone", help="torchvision ResNet state dict (ImageNet weights)")
+    p.add_argument("--teacher-ckpt", help="checkpoint of a trained teacher: distil it into the student")
+    p.add_argument("--teacher", choices=MODEL_NAMES, help="teacher architecture (default: from its checkpoint)")
+    p.add_argument("--kd", choices=("fckd", "kd", "cwd"), help="distillation loss (default: fckd with a teacher)")
+    p.add_argument("--fckd-condense", choices=CONDENSE_MODES, default="hard", help="default: %(default)s")
+    p.add_argument("--fckd-threshold", type=float, default=0.5,
+                   help="entropy threshold of the hard condensation (default: %(default)s)")
+    p.add_argument("--no-fckd-enhance", dest="fckd_enhance", action="store_false", help="no soft enhancement")
+    p.add_argument("--fckd-gamma", type=float, default=1.0, help="soft enhancement weight (default: %(default)s)")
+    p.add_argument("--tau-spatial", type=float, default=1.0,
+                   help="temperature of the spatial loss, fckd and kd (default: %(default)s)")
+    p.add_argument("--tau-channel", type=float, default=4.0,
+                   help="temperature of the channel loss, fckd and cwd (default: %(default)s)")
+    p.add_argument("--lambda-spatial", type=float, default=1.0,
+                   help="weight of the spatial loss, fckd and kd (default: %(default)s)")
+    p.add_argument("--lambda-channel", type=float, default=3.0,
+                   help="weight of the channel loss, fckd and cwd (default: %(default)s)")
+    p.add_argument("--iters", type=int, help=f"training iterations; {per_dataset}")
+    p.add_argument("--batch-size", type=int, help=f"global batch size, split over the ranks; {per_dataset}")
+    p.add_argument("--crop-size", type=int, nargs="+", metavar="SIZE", help=f"training crop, H or H W; {per_dataset}")
+    p.add_argument("--lr", type=float, help=f"base learning rate; {per_dataset}")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="default: %(default)s")
+    p.add_argument("--amp", choices=("bf16", "fp16", "off"), help="autocast dtype (default: bf16 on CUDA, off on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument("--out", help="output folder (default: runs/DATASET_MODEL[_KD])")
+    p.add_argument("--resume", metavar="{PATH,auto}", help="continue from a checkpoint; auto: OUT/last.pt if it exists")
+    p.add_argument("--val-every", type=int, help=f"validate every N iterations (and at the end); {per_dataset}")
+    p.add_argument("--save-every", type=int, help=f"write OUT/last.pt every N iterations; {per_dataset}")
+    p.add_argument("--log-every", type=int, default=20,
+                   help="reduce and log the losses every N iterations (default: %(default)s)")
+    p.add_argument("--workers", type=int, help=f"data loading processes per rank; {per_dataset}")
+    args = p.parse_args(argv)
+
+    for key, value in DATASET_DEFAULTS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.dataset != "synthetic" and (args.synthetic_length is not None or args.synthetic_size is not None):
+        p.error("--synthetic-length and --synthetic-size apply to --dataset synthetic only")
+    if args.val_every is None:
+        args.val_every = args.iters
+    if args.crop_size is not None and len(args.crop_size) not in (1, 2):
+        p.error(f"--crop-size takes H or H W, got {len(args.crop_size)} numbers")
+    if args.crop_size is not None and len(args.crop_size) == 1:
+        args.crop_size = args.crop_size * 2  # H -> H x H
+    if args.kd and not args.teacher_ckpt:
+        p.error(f"--kd {args.kd} needs a teacher: pass --teacher-ckpt PATH")
+    if args.teacher and not args.teacher_ckpt:
+        p.error("--teacher names the architecture of --teacher-ckpt; pass the checkpoint too")
+    if args.teacher_ckpt and not args.kd:
+        args.kd = "fckd"
+    for key in ("iters", "batch_size", "val_every", "save_every", "log_every"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.out is None:
+        args.out = os.path.join("runs", f"{args.dataset}_{args.model}" + (f"_{args.kd}" if args.kd else ""))
+    return args
+
+
+# -----------------------------------------------------------------------------
+# data order that survives a restart
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (shuffled, seeded per epoch, drop_last) that yields (epoch, index) pairs
+    and can start part-way into an epoch: `start` indices of this rank's share are skipped
+    without being loaded, which is how a resumed run picks up at the exact batch it stopped at."""
+
+    def __init__(self, dataset, num_replicas, rank, seed):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start:]
+        return iter([(self.epoch, index) for index in indices])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+class SeededSamples(Dataset):
+    """dataset[index], with torch's global RNG seeded from (seed, epoch, index) for the duration.
+
+    The random augmentation of a sample (data.py draws it from torch's global generator) then
+    depends only on which sample is drawn in which epoch: not on the number of workers or ranks,
+    and not on whether the run was interrupted and resumed in between. The caller's RNG state is
+    restored afterwards, so with workers=0 the training RNG stream is untouched.
+    """
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            return self.dataset[index]
+
+
+def batches(loader, sampler, iteration, batches_per_epoch):
+    """Batches without end, epoch after epoch, starting at batch `iteration` of the run: the
+    sampler skips the part of the current epoch that was consumed before (without loading it)."""
+    epoch, consumed = divmod(iteration, batches_per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        sampler.start = consumed * loader.batch_size
+        yield from loader
+        epoch, consumed = epoch + 1, 0
+
+
+# -----------------------------------------------------------------------------
+# the objective
+
+
+def make_optimizer(model, lr, weight_decay, device):
+    """SGD with momentum 0.9; on CUDA the fused kernel (one launch for all parameters)."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=weight_decay, **fused)
+
+
+def poly_lr(base_lr, iteration, iters, power=POLY_POWER):
+    """lr = base_lr * (1 - iteration / iters) ** power, iteration counted from 0."""
+    return base_lr * (1 - iteration / iters) ** power
+
+
+def distillation(args):
+    """The --kd term as a function (student logits, teacher logits) -> {"kd": weighted loss, ...};
+    FCKD also reports keep_ratio, the share of pixels its condensation matrix keeps."""
+    if args.kd == "fckd":
+        fckd_loss = FCKDLoss(args.fckd_condense, args.fckd_threshold, args.fckd_enhance, args.fckd_gamma,
+                             args.tau_spatial, args.tau_channel, args.lambda_spatial, args.lambda_channel)
+
+        def distill(student_logits, teacher_logits):
+            parts = fckd_loss(student_logits, teacher_logits)
+            return {"kd": parts["loss"], "keep_ratio": parts["keep_ratio"]}
+    elif args.kd == "kd":
+        def distill(student_logits, teacher_logits):
+            return {"kd": args.lambda_spatial * spatial_kd(student_logits, teacher_logits, args.tau_spatial)}
+    else:
+        def distill(student_logits, teacher_logits):
+            return {"kd": args.lambda_channel * channel_kd(student_logits, teacher_logits, args.tau_channel)}
+    return distill
+
+
+def train_losses(model, images, labels, teacher=None, distill=None):
+    """{"loss": total, "ce", "aux"[, "kd", diagnostics]} for one batch, all scalar tensors.
+
+    loss = CE(up(out), y) + 0.4 CE(up(aux), y) [+ kd(out, teacher out)], CE ignoring label 255.
+    """
+    out = model(images)
+    size = labels.shape[-2:]
+    losses = {
+        "ce": F.cross_entropy(upsample(out["out"], size), labels, ignore_index=IGNORE_INDEX),
+        "aux": AUX_WEIGHT * F.cross_entropy(upsample(out["aux"], size), labels, ignore_index=IGNORE_INDEX),
+    }
+    if teacher is not None:
+        # no_grad, not inference_mode: inference tensors could not be saved for the student's backward
+        with torch.no_grad():
+            teacher_logits = teacher(images)["out"]
+        losses.update(distill(out["out"], teacher_logits))
+    losses["loss"] = losses["ce"] + losses["aux"] + losses.get("kd", 0.0)
+    return losses
+
+
+# -----------------------------------------------------------------------------
+# RNG states, stored per rank in the checkpoint
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """This process's RNG states in a form torch.load(weights_only=True) accepts."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, keys.tolist(), position, has_gauss, cached),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def all_rng_states(world_size):
+    """Every rank's RNG states, indexed by rank (each rank draws its own dropout masks)."""
+    states = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states[0] = rng_state()
+    return states
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, device = setup_distributed()
+    try:
+        train(args, rank, world_size, device)
+    finally:
+        teardown_distributed()
+
+
+def train(args, rank, world_size, device):
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
+    batch_per_rank = args.batch_size // world_size
+    cuda = device.type == "cuda"
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    amp = resolve_amp(args.amp, device)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    os.makedirs(args.out, exist_ok=True)
+    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
+    log_path = os.path.join(args.out, "log.jsonl")
+
+    # data
+    options = synthetic_options(args.dataset, args.synthetic_length, args.synthetic_size)
+    train_set = build_dataset(args.dataset, args.data_root, "train", train=True, crop_size=args.crop_size, **options)
+    val_set = build_dataset(args.dataset, args.data_root, "val", train=False, **options)
+    num_classes = train_set.num_classes
+    batches_per_epoch = len(train_set) // world_size // batch_per_rank
+    if batches_per_epoch == 0:
+        raise ValueError(f"the {args.dataset} train split has {len(train_set)} images, fewer than the "
+                         f"global batch size {args.batch_size}")
+    sampler = ResumableSampler(train_set, world_size, rank, args.seed)
+    loader = DataLoader(SeededSamples(train_set, args.seed), batch_size=batch_per_rank, sampler=sampler,
+                        num_workers=args.workers, pin_memory=cuda, drop_last=True,
+                        persistent_workers=args.workers > 0,
+                        generator=torch.Generator())  # its own generator: iter(loader) leaves the global RNG alone
+
+    # teacher: architecture and weights from its checkpoint, frozen
+    teacher = distill = None
+    if args.teacher_ckpt:
+        teacher, teacher_checkpoint = model_from_checkpoint(args.teacher_ckpt, args.teacher)
+        if teacher_checkpoint["num_classes"] != num_classes:
+            raise ValueError(f"teacher checkpoint {args.teacher_ckpt} predicts {teacher_checkpoint['num_classes']} "
+                             f"classes, the {args.dataset} set has {num_classes}")
+        teacher.requires_grad_(False).eval().to(device, memory_format=memory_format)
+        distill = distillation(args)
+
+    # student (same initial weights on every rank; dropout masks differ per rank)
+    seed_everything(args.seed)
+    model_options = {"width": args.width, "output_stride": args.output_stride, "head_channels": None}
+    model = build_model(args.model, num_classes, args.pretrained_backbone, **model_options)
+    seed_everything(args.seed + rank)
+
+    resume_path = args.resume
+    if resume_path == "auto":
+        resume_path = last_path if os.path.exists(last_path) else None
+        resuming = all_reduce(torch.tensor(int(resume_path is not None), device=device)).item()
+        if 0 < resuming < world_size:  # every rank loads last.pt: they must all see it
+            raise ValueError(f"{last_path} exists on {resuming} of {world_size} ranks only; put --out on a "
+                             "filesystem that every node shares, or pass --resume PATH with a copy on each node")
+    checkpoint = None
+    if resume_path:
+        checkpoint = load_checkpoint(resume_path)
+        trained = tuple(checkpoint[key] for key in ("dataset", "model_name", "num_classes", "model_options"))
+        if trained != (args.dataset, args.model, num_classes, model_options):
+            raise ValueError(f"cannot resume from {resume_path}: it holds {trained[1]} {trained[3]} for {trained[0]} "
+                             f"({trained[2]} classes), this run trains {args.model} {model_options} for "
+                             f"{args.dataset} ({num_classes} classes)")
+        if checkpoint["iteration"] > args.iters:
+            raise ValueError(f"cannot resume from {resume_path}: it is at iteration {checkpoint['iteration']}, "
+                             f"beyond --iters {args.iters}")
+        load_state(model, checkpoint["model"], resume_path)
+
+    if world_size > 1 and cuda:  # SyncBatchNorm needs CUDA; on CPU (gloo) each rank keeps its own BN statistics
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device, memory_format=memory_format)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
+    start, best_miou, best_iteration = 0, None, None
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start, best_miou = checkpoint["iteration"], checkpoint["best_miou"]
+        best_iteration = checkpoint.get("best_iteration")
+        set_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
+    train_model = model
+    if world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+
+    if is_main():
+        print(("resuming from " + resume_path + f" at iteration {start}") if checkpoint else f"training {args.out}")
+        if checkpoint is None:
+            open(log_path, "w").close()
+
+    def log(record):
+        if is_main():
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # the loop: losses stay on the device and are reduced every --log-every iterations, so the
+    # host never waits for the device in between
+    data = batches(loader, sampler, start, batches_per_epoch)
+    iteration, saved_iteration, last_miou = start, (start if checkpoint else None), None
+    sums, steps = {}, 0
+    first_nonfinite = torch.tensor(args.iters + 1, device=device)  # the first iteration with a NaN/inf loss
+    timer = time.perf_counter()
+    with tqdm(total=args.iters, initial=start, disable=not is_main(), dynamic_ncols=True,
+              desc=os.path.basename(args.out)) as bar:
+        while iteration < args.iters:
+            images, labels = next(data)
+            lr = poly_lr(args.lr, iteration, args.iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            labels = labels.to(device, non_blocking=True)
+            with autocast(device, amp):
+                losses = train_losses(train_model, images, labels, teacher, distill)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            iteration += 1
+            bar.update(1)
+            first_nonfinite = torch.where(torch.isfinite(losses["loss"]), first_nonfinite,
+                                          first_nonfinite.clamp(max=iteration))
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
+            steps += 1
+
+            validate = iteration % args.val_every == 0 or iteration == args.iters
+            save = validate or iteration % args.save_every == 0
+            if save or iteration % args.log_every == 0:
+                # the one host sync of the interval; every save comes after this check
+                if all_reduce(first_nonfinite, dist.ReduceOp.MIN).item() <= args.iters:
+                    kept = (f"{last_path} holds iteration {saved_iteration}" if saved_iteration is not None
+                            else "no checkpoint was written")
+                    raise FloatingPointError(f"the loss is not finite at iteration {first_nonfinite.item()}; "
+                                             f"training stopped ({kept}, the last good state)")
+                means = all_reduce(torch.stack(list(sums.values()))).div_(steps * world_size).tolist()
+                record = {"iter": iteration, "lr": lr, **dict(zip(sums, means)),
+                          "img_per_s": steps * args.batch_size / (time.perf_counter() - timer)}
+                log(record)
+                bar.set_postfix_str(" ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "iter"))
+                sums, steps = {}, 0
+
+            improved = False
+            if validate:
+                if world_size > 1:  # evaluate the weights and BN statistics that rank 0 saves
+                    for buffer in model.buffers():
+                        dist.broadcast(buffer, 0)
+                metrics = segmentation_metrics(evaluate(model, val_set, device, amp), val_set.class_names)
+                last_miou = metrics["mIoU"]
+                improved = last_miou is not None and (best_miou is None or last_miou > best_miou)
+                if improved:
+                    best_miou, best_iteration = last_miou, iteration
+                log({"iter": iteration, "val": {k: metrics[k] for k in ("aAcc", "mAcc", "mIoU")}})
+                best = "-" if best_miou is None else f"{best_miou:.2f} (iteration {best_iteration})"
+                if is_main():  # tqdm.write prints even where the bar is disabled
+                    bar.write(f"iteration {iteration}: {metrics_line(metrics)}; best mIoU {best}")
+            if save:
+                states = all_rng_states(world_size)
+                if is_main():
+                    state = {
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(), "iteration": iteration, "args": vars(args), "rng": states,
+                        "best_miou": best_miou, "best_iteration": best_iteration, "num_classes": num_classes,
+                        "dataset": args.dataset, "model_name": args.model, "model_options": model_options,
+                    }
+                    if improved:
+                        save_checkpoint(state, best_path)
+                    save_checkpoint(state, last_path)
+                saved_iteration = iteration
+            if save or iteration % args.log_every == 0:
+                timer = time.perf_counter()  # throughput counts training steps only
+    if is_main():
+        print(json.dumps({"out": args.out, "iterations": iteration, "best_mIoU": best_miou,
+                          "best_iteration": best_iteration, "last_mIoU": last_miou, "best_checkpoint": best_path}))
+
+
+if __name__ == "__main__":
+    run_cli(main)
