@@ -133,11 +133,11 @@ def test_clear_errors(trained, tmp_path, capsys):
                       for k, v in wrong["model"].items()}
     save_checkpoint(wrong, tmp_path / "four_classes.pt")
     err = cli_error(capsys, ["--ckpt", str(tmp_path / "four_classes.pt")])
-    assert err == f"error: {tmp_path / 'four_classes.pt'} predicts 4 classes, the synthetic set has 10"
+    assert err == f"error: {tmp_path / 'four_classes.pt'} predicts 4 classes, the synthetic set has {len(CLASSES)}"
     err = cli_error(capsys, ["--ckpt", str(trained / "last.pt"), "--teacher-ckpt", str(tmp_path / "four_classes.pt"),
                              "--save-dir", str(tmp_path / "p")])
     assert err == (f"error: teacher checkpoint {tmp_path / 'four_classes.pt'} predicts 4 classes, "
-                   "the synthetic set has 10")
+                   f"the synthetic set has {len(CLASSES)}")
 
     with pytest.raises(SystemExit):
         evaluate_script.parse_args(["--ckpt", "x.pt", "--teacher-ckpt", "t.pt"])

@@ -9,12 +9,13 @@ import torch
 from torch.utils.data import default_collate
 
 import train
-from data import build_dataset
+from data import SYNTHETIC_CLASSES, build_dataset
 from fckd import FCKDLoss
 from models import build_model
 from utils import CHECKPOINT_KEYS, load_checkpoint, run_cli, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = len(SYNTHETIC_CLASSES)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,7 +75,7 @@ def test_training_writes_checkpoints_log_and_a_final_json_summary(tmp_path, caps
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     assert set(CHECKPOINT_KEYS) <= set(ckpt)
-    assert ckpt["iteration"] == 3 and ckpt["num_classes"] == 10 and ckpt["dataset"] == "synthetic"
+    assert ckpt["iteration"] == 3 and ckpt["num_classes"] == NUM_CLASSES and ckpt["dataset"] == "synthetic"
     assert ckpt["model_name"] == "deeplabv3_resnet18"
     assert ckpt["model_options"] == {"width": 0.125, "output_stride": 8, "head_channels": None}
     assert ckpt["args"]["iters"] == 3 and json.dumps(ckpt["args"])  # plain, JSON-able args
@@ -83,7 +84,7 @@ def test_training_writes_checkpoints_log_and_a_final_json_summary(tmp_path, caps
     steps = [r for r in log if "loss" in r]
     vals = [r for r in log if "val" in r]
     assert [r["iter"] for r in steps] == [1, 2, 3]
-    assert [r["lr"] for r in steps] == pytest.approx([0.01 * (1 - i / 3) ** 0.9 for i in range(3)])
+    assert [r["lr"] for r in steps] == pytest.approx([train.DATASET_DEFAULTS["synthetic"]["lr"] * (1 - i / 3) ** 0.9 for i in range(3)])
     for r in steps:
         assert r["loss"] == pytest.approx(r["ce"] + r["aux"], rel=1e-5)
     assert [r["iter"] for r in vals] == [2, 3]
@@ -211,7 +212,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process_accumulating_the_same_micr
     train_set = build_dataset("synthetic", None, "train", True, length=16, image_size=32)
     data = train.SeededSamples(train_set, args.seed)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, 10, width=args.width)
+    model = build_model(args.model, NUM_CLASSES, width=args.width)
     rng = []
     for rank in range(world):
         torch.manual_seed(args.seed + rank)
@@ -234,7 +235,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process_accumulating_the_same_micr
         optimizer.step()
     reference = model.state_dict()
     torch.manual_seed(args.seed)
-    initial = build_model(args.model, 10, width=args.width).state_dict()
+    initial = build_model(args.model, NUM_CLASSES, width=args.width).state_dict()
     assert not torch.equal(reference["classifier.weight"], initial["classifier.weight"])  # it did train
     assert_same_state(ddp["model"], reference, exact=False)
 
@@ -260,7 +261,7 @@ def test_teacher_with_the_wrong_class_count_is_refused(tmp_path, capsys):
                      "rng": [], "best_miou": None, "num_classes": 4, "dataset": "synthetic",
                      "model_name": "deeplabv3_resnet18", "model_options": options}, path)
     err = cli_error(capsys, TINY + ["--out", str(tmp_path / "s"), "--teacher-ckpt", str(path)])
-    assert err.startswith("error: teacher checkpoint") and "predicts 4 classes, the synthetic set has 10" in err
+    assert err.startswith("error: teacher checkpoint") and f"predicts 4 classes, the synthetic set has {NUM_CLASSES}" in err
 
 
 def test_teacher_architecture_override_that_does_not_fit_is_refused(tmp_path, capsys, teacher_ckpt):
