@@ -8,8 +8,6 @@ CPU it is not measured. Prints a table and writes JSON to bench/results/.
 """
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -18,12 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fckd  # noqa: E402
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+from bench.common import describe_run, save_results  # noqa: E402
 
 
 def losses():
@@ -80,18 +73,13 @@ def main(argv=None):
         seconds, peak = measure(loss_fn, student, teacher, args.iters, args.warmup)
         rows.append({"loss": name, "ms": seconds * 1e3, "peak_extra_MiB": None if peak is None else peak / 2**20})
 
-    header = {"device": device_name(device), "torch": torch.__version__, "shape": list(shape),
-              "dtype": args.dtype, "command": " ".join(["python bench/loss_speed.py", *(sys.argv[1:] if argv is None else argv)])}
+    header = {**describe_run("loss_speed.py", argv, device), "shape": list(shape), "dtype": args.dtype}
     print(f"{header['device']}, torch {header['torch']}, logits {shape} {args.dtype}")
     print(f"{'loss':<20}{'fwd+bwd ms':>12}{'peak extra MiB':>16}")
     for row in rows:
         peak = "n/a" if row["peak_extra_MiB"] is None else f"{row['peak_extra_MiB']:.1f}"
         print(f"{row['loss']:<20}{row['ms']:>12.2f}{peak:>16}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"loss_speed_{device.type}_{args.dtype}.json"
-    path.write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {path}")
+    save_results(args.out, f"loss_speed_{device.type}_{args.dtype}.json", header, rows)
     return rows
 
 

@@ -12,8 +12,6 @@ TFLOP/s, and the peak memory allocated on CUDA. Prints a table and writes JSON t
 """
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,17 +20,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import describe_run, save_results  # noqa: E402
 from models import build_model  # noqa: E402
 from train import distillation, make_optimizer, parse_args, train_losses  # noqa: E402
 from utils import autocast  # noqa: E402
 
 MODES = ("student", "student+teacher", "kd", "cwd", "fckd")
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def make_step(mode, student, teacher, optimizer, device, amp, compile_loss):
@@ -117,9 +110,7 @@ def main(argv=None):
                          "tflop_per_s": flops / seconds / 1e12,
                          "peak_memory_GiB": None if peak is None else peak / 2**30})
 
-    header = {"device": device_name(device), "torch": torch.__version__,
-              "command": " ".join(["python bench/speed.py", *(sys.argv[1:] if argv is None else argv)]),
-              "batch": args.batch, "crop": list(args.crop), "classes": args.classes,
+    header = {**describe_run("speed.py", argv, device), "batch": args.batch, "crop": list(args.crop), "classes": args.classes,
               "student": args.student, "teacher": args.teacher, "width": args.width, "compile": args.compile}
     print(f"{header['device']}, torch {header['torch']}: {args.teacher} -> {args.student} (width {args.width}), "
           f"batch {args.batch}, {args.crop[0]}x{args.crop[1]}, {args.classes} classes, compile {args.compile}")
@@ -128,11 +119,7 @@ def main(argv=None):
         peak = "n/a" if row["peak_memory_GiB"] is None else f"{row['peak_memory_GiB']:.2f}"
         print(f"{row['mode']:<17}{row['precision']:>10}{row['images_per_s']:>10.2f}{row['tflop_per_image']:>11.4f}"
               f"{row['tflop_per_s']:>10.2f}{peak:>10}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"speed_{device.type}{'_compile' if args.compile else ''}.json"
-    path.write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {path}")
+    save_results(args.out, f"speed_{device.type}{'_compile' if args.compile else ''}.json", header, rows)
     return rows
 
 

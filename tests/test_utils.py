@@ -9,13 +9,7 @@ from utils import (CHECKPOINT_KEYS, confusion_matrix, load_checkpoint, model_fro
                    run_cli, save_checkpoint, segmentation_metrics, window_starts)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These nets are tiny: one thread is faster, and on a shared CPU much faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -----------------------------------------------------------------------------
