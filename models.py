@@ -243,7 +243,13 @@ class DeepLabV3(nn.Module):
 
 
 def init_weights(model):
-    """torchvision's ResNet init: Kaiming-normal (fan_out, ReLU) convs, norm weight 1 / bias 0."""
+    """
+    torchvision's ResNet init: Kaiming-normal (fan_out, ReLU) convs, norm weight 1 / bias 0, and
+    the last BN of every residual branch at weight 0 (torchvision's zero_init_residual, Goyal et
+    al. 2017), so that each block starts as the identity. That last part matters only when training
+    from scratch (ImageNet weights overwrite it); there it is what lets the bigger synthetic-set
+    teacher pull ahead of the student within the quick-start budget (see README, "Synthetic set").
+    """
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -252,6 +258,11 @@ def init_weights(model):
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+    for m in model.modules():
+        if isinstance(m, BasicBlock):
+            nn.init.zeros_(m.bn2.weight)
+        elif isinstance(m, Bottleneck):
+            nn.init.zeros_(m.bn3.weight)
 
 
 # -----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import MODEL_NAMES, ResNet, build_model, load_backbone
+from models import MODEL_NAMES, BasicBlock, Bottleneck, ResNet, build_model, load_backbone
 
 torch.set_num_threads(2)
 SMALL = 0.125  # width multiplier for CPU tests: 8 base channels
@@ -163,11 +163,19 @@ def test_sync_batchnorm_conversion():
     assert list(converted.state_dict()) == keys
 
 
-def test_init():
-    model = build_model("deeplabv3_resnet101", 3, width=0.25)
+@pytest.mark.parametrize("name", ["deeplabv3_resnet18", "deeplabv3_resnet101"])
+def test_init(name):
+    model = build_model(name, 3, width=0.25)
+    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    last_bns = {id(b.bn2 if isinstance(b, BasicBlock) else b.bn3) for b in blocks}
+    assert len(last_bns) == (8 if name == "deeplabv3_resnet18" else 33)
     for m in model.modules():
         if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+            assert torch.all(m.weight == (0 if id(m) in last_bns else 1)) and torch.all(m.bias == 0)
+    block = model.backbone.layer2[1]  # zero-init residual: a block without downsample starts as relu(x)
+    block.eval()
+    x = torch.randn(2, block.conv1.in_channels, 5, 5)
+    assert torch.equal(block(x), torch.relu(x))
     conv = model.backbone.layer3[1].conv2  # 64 x 64 x 3 x 3, Kaiming fan_out: std sqrt(2 / (64 * 9))
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.1)
     assert torch.all(model.classifier.bias == 0)

@@ -1,0 +1,175 @@
+"""Accuracy of the FCKD student against the baseline, KD and CWD students, over seeds.
+
+    python bench/accuracy.py                        # synthetic set, 3 seeds: about an hour on a 2-core CPU
+    python bench/accuracy.py --jobs 2               # two runs at a time, the CPU threads split between them
+    python bench/accuracy.py --ablation --seeds 0   # FCKD's parts, one seed
+    python bench/accuracy.py --setting camvid       # CamVid in data/camvid: R101 teacher, R18 students (GPU)
+    python bench/accuracy.py -- --amp off           # everything after -- goes to every train.py run
+
+Trains the teacher once (seed 0), then every student with --seed s, each with train.py at the
+setting's budget, and evaluates the weights of the last iteration with eval.py on the val split
+(no checkpoint is picked on the val split). Prints a table of mIoU and mAcc, mean +- sample std
+over the seeds with the per-seed values, and writes it to bench/results/accuracy_SETTING[_ablation].json.
+
+Resumable: run NAME_sSEED lives in runs/accuracy/SETTING/NAME_sSEED; one with a result.json is not
+run again, and an interrupted one continues from its last.pt (train.py --resume auto).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.common import describe_run, save_results  # noqa: E402
+
+# The synthetic setting is the quick start's (train.py's synthetic defaults). The CamVid one trains
+# from scratch: no ImageNet weights exist on our machines.
+SETTINGS = {
+    "synthetic": {
+        "common": ["--dataset", "synthetic"],
+        "teacher": ["--model", "deeplabv3_resnet18", "--width", "0.5"],
+        "student": ["--model", "deeplabv3_resnet18", "--width", "0.25"],
+    },
+    "camvid": {
+        "common": ["--dataset", "camvid", "--iters", "2000", "--batch-size", "16", "--crop-size", "360",
+                   "--lr", "0.05", "--val-every", "2000"],
+        "teacher": ["--model", "deeplabv3_resnet101"],
+        "student": ["--model", "deeplabv3_resnet18"],
+    },
+}
+METHODS = {"baseline": [], "kd": ["--kd", "kd"], "cwd": ["--kd", "cwd"], "fckd": ["--kd", "fckd"]}
+ABLATION = {  # FCKD with one part changed; "fckd" is FCKDLoss's defaults (hard condensation at 0.5)
+    "baseline": [],
+    "fckd": ["--kd", "fckd"],
+    "fckd hard 0.3": ["--kd", "fckd", "--fckd-threshold", "0.3"],
+    "fckd hard 0.7": ["--kd", "fckd", "--fckd-threshold", "0.7"],
+    "fckd soft": ["--kd", "fckd", "--fckd-condense", "soft"],
+    "fckd no condensation": ["--kd", "fckd", "--fckd-condense", "none"],
+    "fckd no enhancement": ["--kd", "fckd", "--no-fckd-enhance"],
+    "fckd spatial only": ["--kd", "fckd", "--lambda-channel", "0"],
+    "fckd channel only": ["--kd", "fckd", "--lambda-spatial", "0"],
+}
+
+
+def run_dir(out, name, seed):
+    return Path(out) / f"{name.replace(' ', '-')}_s{seed}"
+
+
+def run(name, seed, train_args, out, threads):
+    """Train (or finish training) and evaluate one run; returns its result dict (from result.json)."""
+    directory = run_dir(out, name, seed)
+    result_path = directory / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    directory.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    train_cmd = [sys.executable, "train.py", *train_args, "--seed", str(seed), "--out", str(directory),
+                 "--resume", "auto"]
+    eval_cmd = [sys.executable, "eval.py", "--ckpt", str(directory / "last.pt"), "--json", str(directory / "eval.json")]
+    start = time.perf_counter()
+    with open(directory / "output.log", "a") as log:
+        for cmd in (train_cmd, eval_cmd):
+            log.write(f"$ {' '.join(cmd)}\n")
+            log.flush()
+            if subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode:
+                raise RuntimeError(f"run {directory.name} failed: {' '.join(cmd)}; see {directory / 'output.log'}")
+    metrics = json.loads((directory / "eval.json").read_text())
+    keep = [r["keep_ratio"] for r in map(json.loads, (directory / "log.jsonl").read_text().splitlines())
+            if "keep_ratio" in r]
+    result = {"mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"], "per_class": metrics["per_class"],
+              "keep_ratio_last": keep[-1] if keep else None, "minutes": (time.perf_counter() - start) / 60,
+              "train_command": " ".join(["python", *train_cmd[1:]])}
+    result_path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{directory.name}: mIoU {result['mIoU']:.2f} mAcc {result['mAcc']:.2f} "
+          f"({result['minutes']:.1f} min)", flush=True)
+    return result
+
+
+def summarise(name, results, baseline_miou=None):
+    """One table row: mean and sample std over seeds (std 0 for one seed), per-seed values."""
+    row = {"name": name, "seeds": sorted(results)}
+    for key in ("mIoU", "mAcc"):
+        values = [results[s][key] for s in row["seeds"]]
+        row[key] = values
+        row[f"{key}_mean"] = statistics.fmean(values)
+        row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    row["delta_mIoU"] = None if baseline_miou is None else row["mIoU_mean"] - baseline_miou
+    keep = [results[s]["keep_ratio_last"] for s in row["seeds"] if results[s]["keep_ratio_last"] is not None]
+    row["keep_ratio_last"] = statistics.fmean(keep) if keep else None
+    row["per_class_IoU_mean"] = {}
+    for c in results[row["seeds"][0]]["per_class"]:
+        values = [results[s]["per_class"][c]["IoU"] for s in row["seeds"]]
+        defined = [v for v in values if v is not None]
+        row["per_class_IoU_mean"][c] = statistics.fmean(defined) if defined else None
+    return row
+
+
+def format_table(rows):
+    lines = ["| run | mIoU (mean +- std) | mAcc (mean +- std) | mIoU vs baseline | mIoU per seed |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        delta = "" if r["delta_mIoU"] is None else f"{r['delta_mIoU']:+.2f}"
+        seeds = ", ".join(f"{v:.2f}" for v in r["mIoU"])
+        lines.append(f"| {r['name']} | {r['mIoU_mean']:.2f} +- {r['mIoU_std']:.2f} | "
+                     f"{r['mAcc_mean']:.2f} +- {r['mAcc_std']:.2f} | {delta} | {seeds} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", choices=SETTINGS, default="synthetic", help="default: %(default)s")
+    parser.add_argument("--ablation", action="store_true", help="FCKD's parts instead of the four methods")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
+    parser.add_argument("--jobs", type=int, default=1, help="student runs at a time (default: %(default)s)")
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "accuracy"), help="default: runs/accuracy")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="default: bench/results")
+    args = parser.parse_args(own)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    setting = SETTINGS[args.setting]
+    out = Path(args.runs) / args.setting
+    # split the CPU threads between parallel runs instead of letting each take them all
+    threads = None
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+
+    teacher_args = [*setting["common"], *setting["teacher"], *extra]
+    teacher = run("teacher", 0, teacher_args, out, None)
+    teacher_ckpt = str(run_dir(out, "teacher", 0) / "last.pt")
+    variants = ABLATION if args.ablation else METHODS
+    jobs = [(name, seed, [*setting["common"], *setting["student"], *extra,
+                          *(["--teacher-ckpt", teacher_ckpt, *flags] if flags else [])])
+            for name, flags in variants.items() for seed in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda job: run(*job, out, threads), jobs))
+
+    by_name = {}
+    for (name, seed, _), result in zip(jobs, results):
+        by_name.setdefault(name, {})[seed] = result
+    baseline = summarise("baseline", by_name["baseline"]) if "baseline" in by_name else None
+    rows = [summarise(f"teacher ({' '.join(setting['teacher'][1::2])})", {0: teacher})]
+    rows += [summarise(name, res, baseline and baseline["mIoU_mean"]) for name, res in by_name.items()]
+    table = format_table(rows)
+    print(table)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    header = {**describe_run("accuracy.py", argv, device), "setting": args.setting, "seeds": args.seeds,
+              "threads_per_run": threads or torch.get_num_threads(),
+              "teacher_command": teacher["train_command"], "table": table}
+    save_results(args.out, f"accuracy_{args.setting}{'_ablation' if args.ablation else ''}.json", header, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
