@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quick start on the built-in synthetic set, on a CPU: a teacher (DeepLabV3-ResNet18 at width
-# 0.5), a student at width 0.25 distilled from it with FCKD, then the evaluation of both, with
+# 0.5), a student at width 0.125 distilled from it with FCKD, then the evaluation of both, with
 # pictures of the teacher's entropy and condensation matrix. Extra flags go to both train.py runs.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -40,9 +40,10 @@ from utils import (all_reduce, autocast, evaluate, is_main, load_checkpoint, loa
 
 # Per-dataset defaults for every flag left unset. The real sets follow the CIRKD protocol (SGD,
 # lr 0.02 at global batch 16, poly 0.9, 40k iterations); the lr is not rescaled with --batch-size.
-# The synthetic numbers size the CPU quick start (provisional: set from the measured time budget).
+# The synthetic numbers size the CPU quick start (teacher and FCKD student in about 10 minutes on
+# 2 cores) so that the width-0.5 teacher beats this width-0.125 student by over 5 mIoU (README).
 DATASET_DEFAULTS = {
-    "synthetic": dict(data_root=None, width=0.25, iters=2400, batch_size=8, lr=0.1, crop_size=None,
+    "synthetic": dict(data_root=None, width=0.125, iters=2400, batch_size=8, lr=0.1, crop_size=None,
                       val_every=None, save_every=250, workers=0),  # val_every None: at the end only
     "voc": dict(data_root="data/VOCdevkit/VOC2012", width=1.0, iters=40000, batch_size=16, lr=0.02,
                 crop_size=[512, 512], val_every=4000, save_every=1000, workers=4),

@@ -37,7 +37,7 @@ SETTINGS = {
     "synthetic": {
         "common": ["--dataset", "synthetic"],
         "teacher": ["--model", "deeplabv3_resnet18", "--width", "0.5"],
-        "student": ["--model", "deeplabv3_resnet18", "--width", "0.25"],
+        "student": ["--model", "deeplabv3_resnet18", "--width", "0.125"],
     },
     "camvid": {
         "common": ["--dataset", "camvid", "--iters", "2000", "--batch-size", "16", "--crop-size", "360",
@@ -54,6 +54,7 @@ ABLATION = {  # FCKD with one part changed; "fckd" is FCKDLoss's defaults (hard 
     "fckd hard 0.7": ["--kd", "fckd", "--fckd-threshold", "0.7"],
     "fckd soft": ["--kd", "fckd", "--fckd-condense", "soft"],
     "fckd no condensation": ["--kd", "fckd", "--fckd-condense", "none"],
+    "fckd no condensation, no enhancement (KD + CWD)": ["--kd", "fckd", "--fckd-condense", "none", "--no-fckd-enhance"],
     "fckd no enhancement": ["--kd", "fckd", "--no-fckd-enhance"],
     "fckd spatial only": ["--kd", "fckd", "--lambda-channel", "0"],
     "fckd channel only": ["--kd", "fckd", "--lambda-spatial", "0"],
@@ -159,7 +160,7 @@ def main(argv=None):
     for (name, seed, _), result in zip(jobs, results):
         by_name.setdefault(name, {})[seed] = result
     baseline = summarise("baseline", by_name["baseline"]) if "baseline" in by_name else None
-    rows = [summarise(f"teacher ({' '.join(setting['teacher'][1::2])})", {0: teacher})]
+    rows = [summarise(f"teacher ({' '.join(setting['teacher'])})", {0: teacher})]
     rows += [summarise(name, res, baseline and baseline["mIoU_mean"]) for name, res in by_name.items()]
     table = format_table(rows)
     print(table)

@@ -121,7 +121,7 @@ def test_fckd_flags_default_to_fckdloss_defaults():
 
 def test_per_dataset_defaults():
     synthetic = train.parse_args([])
-    assert (synthetic.model, synthetic.width) == ("deeplabv3_resnet18", 0.25)
+    assert (synthetic.model, synthetic.width) == ("deeplabv3_resnet18", 0.125)
     assert synthetic.out == os.path.join("runs", "synthetic_deeplabv3_resnet18")
     voc = train.parse_args(["--dataset", "voc", "--lr", "0.01"])
     assert (voc.iters, voc.batch_size, voc.lr, voc.crop_size, voc.width) == (40000, 16, 0.01, [512, 512], 1.0)
