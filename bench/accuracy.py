@@ -18,6 +18,7 @@ run again, and an interrupted one continues from its last.pt (train.py --resume 
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -54,7 +55,7 @@ ABLATION = {  # FCKD with one part changed; "fckd" is FCKDLoss's defaults (hard 
     "fckd hard 0.7": ["--kd", "fckd", "--fckd-threshold", "0.7"],
     "fckd soft": ["--kd", "fckd", "--fckd-condense", "soft"],
     "fckd no condensation": ["--kd", "fckd", "--fckd-condense", "none"],
-    "fckd no condensation, no enhancement (KD + CWD)": ["--kd", "fckd", "--fckd-condense", "none", "--no-fckd-enhance"],
+    "fckd, no condensation, no enhancement (= KD + CWD)": ["--kd", "fckd", "--fckd-condense", "none", "--no-fckd-enhance"],
     "fckd no enhancement": ["--kd", "fckd", "--no-fckd-enhance"],
     "fckd spatial only": ["--kd", "fckd", "--lambda-channel", "0"],
     "fckd channel only": ["--kd", "fckd", "--lambda-spatial", "0"],
@@ -62,7 +63,7 @@ ABLATION = {  # FCKD with one part changed; "fckd" is FCKDLoss's defaults (hard 
 
 
 def run_dir(out, name, seed):
-    return Path(out) / f"{name.replace(' ', '-')}_s{seed}"
+    return Path(out) / f"{re.sub('[^a-z0-9.]+', '-', name.lower()).strip('-')}_s{seed}"
 
 
 def run(name, seed, train_args, out, threads):
