@@ -1,15 +1,15 @@
 """Accuracy of the FCKD student against the baseline, KD and CWD students, over seeds.
 
-    python bench/accuracy.py                        # synthetic set, 3 seeds: about an hour on a 2-core CPU
-    python bench/accuracy.py --jobs 2               # two runs at a time, the CPU threads split between them
-    python bench/accuracy.py --ablation --seeds 0   # FCKD's parts, one seed
-    python bench/accuracy.py --setting camvid       # CamVid in data/camvid: R101 teacher, R18 students (GPU)
-    python bench/accuracy.py -- --amp off           # everything after -- goes to every train.py run
+    python bench/accuracy.py --jobs 2                 # synthetic set, 3 seeds: 33 minutes on a 2-core CPU
+    python bench/accuracy.py --ablation --seeds 0 1   # FCKD's parts, 2 seeds (36 minutes with --jobs 2)
+    python bench/accuracy.py --setting camvid         # CamVid in data/camvid: R101 teacher, R18 students (GPU)
+    python bench/accuracy.py -- --amp off             # everything after -- goes to every train.py run
 
 Trains the teacher once (seed 0), then every student with --seed s, each with train.py at the
-setting's budget, and evaluates the weights of the last iteration with eval.py on the val split
-(no checkpoint is picked on the val split). Prints a table of mIoU and mAcc, mean +- sample std
-over the seeds with the per-seed values, and writes it to bench/results/accuracy_SETTING[_ablation].json.
+setting's budget (--jobs N: N students at a time, the CPU threads split between them), and
+evaluates the weights of the last iteration with eval.py on the val split (no checkpoint is
+picked on the val split). Prints a table of mIoU and mAcc, mean +- sample std over the seeds with
+the per-seed values, and writes it to bench/results/accuracy_SETTING[_ablation].json.
 
 Resumable: run NAME_sSEED lives in runs/accuracy/SETTING/NAME_sSEED; one with a result.json is not
 run again, and an interrupted one continues from its last.pt (train.py --resume auto).
@@ -55,7 +55,8 @@ ABLATION = {  # FCKD with one part changed; "fckd" is FCKDLoss's defaults (hard 
     "fckd hard 0.7": ["--kd", "fckd", "--fckd-threshold", "0.7"],
     "fckd soft": ["--kd", "fckd", "--fckd-condense", "soft"],
     "fckd no condensation": ["--kd", "fckd", "--fckd-condense", "none"],
-    "fckd, no condensation, no enhancement (= KD + CWD)": ["--kd", "fckd", "--fckd-condense", "none", "--no-fckd-enhance"],
+    "fckd, no condensation, no enhancement (= KD + CWD)": ["--kd", "fckd", "--fckd-condense", "none",
+                                                           "--no-fckd-enhance"],
     "fckd no enhancement": ["--kd", "fckd", "--no-fckd-enhance"],
     "fckd spatial only": ["--kd", "fckd", "--lambda-channel", "0"],
     "fckd channel only": ["--kd", "fckd", "--lambda-spatial", "0"],

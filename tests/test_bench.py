@@ -45,10 +45,11 @@ def test_accuracy_summary_statistics():
 def test_accuracy_runs_every_method_and_resumes(tmp_path):
     from bench import accuracy
 
-    argv = ["--seeds", "0", "1", "--jobs", "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path),
-            "--", "--iters", "2", "--batch-size", "2", "--synthetic-length", "4", "--synthetic-size", "32", "--width", "0.125"]
+    tiny = ["--iters", "2", "--batch-size", "2", "--synthetic-length", "4", "--synthetic-size", "32", "--width", "0.125"]
+    argv = ["--seeds", "0", "1", "--jobs", "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path), "--", *tiny]
     rows = accuracy.main(argv)
-    assert [row["name"] for row in rows] == ["teacher (--model deeplabv3_resnet18 --width 0.5)", "baseline", "kd", "cwd", "fckd"]
+    names = ["teacher (--model deeplabv3_resnet18 --width 0.5)", "baseline", "kd", "cwd", "fckd"]
+    assert [row["name"] for row in rows] == names
     assert all(row["seeds"] == [0, 1] for row in rows[1:]) and rows[0]["seeds"] == [0]
     assert rows[1]["delta_mIoU"] == 0 and rows[-1]["keep_ratio_last"] is not None
     saved = json.loads((tmp_path / "accuracy_synthetic.json").read_text())
