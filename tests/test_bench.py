@@ -45,7 +45,8 @@ def test_accuracy_summary_statistics():
 def test_accuracy_runs_every_method_and_resumes(tmp_path):
     from bench import accuracy
 
-    tiny = ["--iters", "2", "--batch-size", "2", "--synthetic-length", "4", "--synthetic-size", "32", "--width", "0.125"]
+    tiny = ["--iters", "2", "--batch-size", "2", "--synthetic-length", "4", "--synthetic-size", "32",
+            "--width", "0.125"]
     argv = ["--seeds", "0", "1", "--jobs", "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path), "--", *tiny]
     rows = accuracy.main(argv)
     names = ["teacher (--model deeplabv3_resnet18 --width 0.5)", "baseline", "kd", "cwd", "fckd"]
