@@ -1,4 +1,4 @@
-"""What the two benchmarks share: naming the machine and the command, and saving the results."""
+"""What the benchmark scripts share: naming the machine and the command, and saving the results."""
 
 import json
 import platform
