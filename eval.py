@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data import DATASET_NAMES, IGNORE_INDEX, MEAN, STD, build_dataset
-from fckd import condensation_matrix, pixel_entropy
+from fckd import DEFAULT_THRESHOLD, condensation_matrix, pixel_entropy
 from utils import (autocast, evaluate, format_metrics, is_main, model_from_checkpoint, resolve_amp, run_cli,
                    segmentation_metrics, setup_distributed, synthetic_options, teardown_distributed, upsample)
 
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--save-max", type=int, default=20, help="pictures of the first N images (default: %(default)s)")
     p.add_argument("--teacher-ckpt", help="with --save-dir: also picture this teacher's entropy and condensation")
     p.add_argument("--fckd-threshold", type=float, help="entropy threshold of the pictured condensation matrix "
-                   "(default: the student's --fckd-threshold if it was trained with one, else 0.5)")
+                   f"(default: the student's --fckd-threshold if it was trained with one, else {DEFAULT_THRESHOLD})")
     args = p.parse_args(argv)
     if any(s <= 0 for s in args.scales):
         p.error(f"--scales must be positive, got {args.scales}")
@@ -111,7 +111,9 @@ def evaluate_checkpoint(args, device):
             raise ValueError(f"teacher checkpoint {args.teacher_ckpt} predicts {teacher_checkpoint['num_classes']} "
                              f"classes, the {dataset_name} set has {dataset.num_classes}")
         teacher.eval().to(device, memory_format=memory_format)
-    threshold = args.fckd_threshold if args.fckd_threshold is not None else trained.get("fckd_threshold", 0.5)
+    threshold = args.fckd_threshold
+    if threshold is None:
+        threshold = trained.get("fckd_threshold", DEFAULT_THRESHOLD)
 
     def save_pictures(index, image, label, prediction):
         if index >= args.save_max:

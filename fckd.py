@@ -16,7 +16,7 @@ arithmetic runs in float32, whatever dtype arrives and whether or not autocast i
        p = softmax_C(t),   Hn = -sum_c p_c log p_c / log C   in [0, 1],   B x 1 x H x W
 2. Feature condensation matrix M (paper: separates confident foreground knowledge from
    uncertain background noise), no gradient:
-       hard (default): M = [Hn <= threshold]     threshold = 0.5 (choice)
+       hard (default): M = [Hn <= threshold]     threshold = 0.7 (choice, from validation results)
        soft:           M = 1 - Hn                (choice)
        none:           M = 1
    and it is applied to the original outputs of both nets (paper):  t~ = M t,  s~ = M s.
@@ -43,6 +43,9 @@ import torch
 import torch.nn.functional as F
 
 CONDENSE_MODES = ("hard", "soft", "none")
+# The spec starts the hard threshold at 0.5 and leaves its default to validation evidence: on the
+# synthetic val split (3 seeds) 0.7 beat 0.5 and 0.3 (README, "Results"); CamVid is still to be measured.
+DEFAULT_THRESHOLD = 0.7
 ENHANCE_DIMS = ("spatial", "channel")
 
 
@@ -121,7 +124,7 @@ def pixel_entropy(logits):
     return (entropy / math.log(num_classes)).clamp_(0.0, 1.0)
 
 
-def condensation_matrix(teacher_logits, mode="hard", threshold=0.5):
+def condensation_matrix(teacher_logits, mode="hard", threshold=DEFAULT_THRESHOLD):
     """Feature condensation matrix M (B x 1 x H x W, no gradient) from the teacher's entropy Hn.
 
     hard: M = 1 where Hn <= threshold, else 0.   soft: M = 1 - Hn.   none: M = 1.
@@ -206,7 +209,7 @@ class FCKDLoss(torch.nn.Module):
     No host-device synchronisation happens inside forward.
     """
 
-    def __init__(self, condense="hard", threshold=0.5, enhance=True, gamma=1.0, tau_spatial=1.0,
+    def __init__(self, condense="hard", threshold=DEFAULT_THRESHOLD, enhance=True, gamma=1.0, tau_spatial=1.0,
                  tau_channel=4.0, lambda_spatial=1.0, lambda_channel=3.0):
         super().__init__()
         if condense not in CONDENSE_MODES:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from data import DATASET_NAMES, IGNORE_INDEX, build_dataset
-from fckd import CONDENSE_MODES, FCKDLoss, channel_kd, spatial_kd
+from fckd import CONDENSE_MODES, DEFAULT_THRESHOLD, FCKDLoss, channel_kd, spatial_kd
 from models import MODEL_NAMES, build_model
 from utils import (all_reduce, autocast, evaluate, is_main, load_checkpoint, load_state, model_from_checkpoint,
                    metrics_line, resolve_amp, run_cli, save_checkpoint, segmentation_metrics, setup_distributed,
@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher", choices=MODEL_NAMES, help="teacher architecture (default: from its checkpoint)")
     p.add_argument("--kd", choices=("fckd", "kd", "cwd"), help="distillation loss (default: fckd with a teacher)")
     p.add_argument("--fckd-condense", choices=CONDENSE_MODES, default="hard", help="default: %(default)s")
-    p.add_argument("--fckd-threshold", type=float, default=0.5,
+    p.add_argument("--fckd-threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="entropy threshold of the hard condensation (default: %(default)s)")
     p.add_argument("--no-fckd-enhance", dest="fckd_enhance", action="store_false", help="no soft enhancement")
     p.add_argument("--fckd-gamma", type=float, default=1.0, help="soft enhancement weight (default: %(default)s)")

@@ -1,7 +1,7 @@
 """Accuracy of the FCKD student against the baseline, KD and CWD students, over seeds.
 
     python bench/accuracy.py --jobs 2                 # synthetic set, 3 seeds: 33 minutes on a 2-core CPU
-    python bench/accuracy.py --ablation --seeds 0 1   # FCKD's parts, 2 seeds (36 minutes with --jobs 2)
+    python bench/accuracy.py --ablation --jobs 2       # FCKD's parts, 3 seeds
     python bench/accuracy.py --setting camvid         # CamVid in data/camvid: R101 teacher, R18 students (GPU)
     python bench/accuracy.py -- --amp off             # everything after -- goes to every train.py run
 
@@ -48,16 +48,17 @@ SETTINGS = {
     },
 }
 METHODS = {"baseline": [], "kd": ["--kd", "kd"], "cwd": ["--kd", "cwd"], "fckd": ["--kd", "fckd"]}
-ABLATION = {  # FCKD with one part changed; "fckd" is FCKDLoss's defaults (hard condensation at 0.5)
+ABLATION = {  # FCKD with one part changed; "fckd" is FCKDLoss's defaults (hard condensation at 0.7)
     "baseline": [],
     "fckd": ["--kd", "fckd"],
     "fckd hard 0.3": ["--kd", "fckd", "--fckd-threshold", "0.3"],
-    "fckd hard 0.7": ["--kd", "fckd", "--fckd-threshold", "0.7"],
+    "fckd hard 0.5": ["--kd", "fckd", "--fckd-threshold", "0.5"],
     "fckd soft": ["--kd", "fckd", "--fckd-condense", "soft"],
     "fckd no condensation": ["--kd", "fckd", "--fckd-condense", "none"],
     "fckd, no condensation, no enhancement (= KD + CWD)": ["--kd", "fckd", "--fckd-condense", "none",
                                                            "--no-fckd-enhance"],
     "fckd no enhancement": ["--kd", "fckd", "--no-fckd-enhance"],
+    "fckd gamma 0.25": ["--kd", "fckd", "--fckd-gamma", "0.25"],
     "fckd spatial only": ["--kd", "fckd", "--lambda-channel", "0"],
     "fckd channel only": ["--kd", "fckd", "--lambda-spatial", "0"],
 }

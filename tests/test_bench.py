@@ -1,8 +1,12 @@
 """The benchmark scripts run end to end on a tiny CPU configuration, so they cannot rot."""
 
 import json
+import math
+
+import torch
 
 from bench import loss_speed
+from data import build_dataset
 
 
 def test_loss_speed_runs_and_writes_json(tmp_path):
@@ -69,3 +73,47 @@ def test_data_speed_runs_and_writes_json(tmp_path):
     assert [row["workers"] for row in rows] == [0, 1]
     assert all(row["images_per_s"] > 0 for row in rows)
     assert json.loads((tmp_path / "data_speed_synthetic.json").read_text())["rows"] == rows
+
+
+def test_fckd_target_statistics_on_a_worked_example():
+    from bench.fckd_targets import target_statistics
+
+    # pixel a: confident class 0; pixel b: uncertain (Hn = 1), so threshold 0.5 drops it
+    logits = torch.tensor([[10.0, 0.0], [0.0, 0.0]]).view(1, 2, 1, 2)
+    label = torch.tensor([[[0, 1]]])
+    sums, counts = target_statistics(logits, label, threshold=0.5, gamma=1.0, tau_channel=4.0)
+    mean = {name: sums[name] / counts[name] for name in sums}
+    assert mean["keep"] == 0.5
+    # class 0 (present) over the pixels (10/4, 0): the dropped pixel b holds 1 / (1 + e^2.5) of it;
+    # class 1 (absent) is 0 at both pixels, so half of it lies on b
+    assert math.isclose(mean["dropped_mass_present"], 1 / (1 + math.exp(2.5)), rel_tol=1e-5)
+    assert math.isclose(mean["dropped_mass_absent"], 0.5, rel_tol=1e-6)
+    # a attends to itself only (score 100 / sqrt 2 against 0), and b's class (arg-max 0) is a's
+    assert math.isclose(mean["spatial_support"], 1.0, rel_tol=1e-5) and mean["spatial_top_weight"] > 0.9999
+    assert mean["spatial_same_class_weight"] > 0.9999
+    # channel 0 attends to itself; channel 1 (all zeros once condensed) spreads evenly
+    assert math.isclose(mean["channel_self_weight"], 0.75, rel_tol=1e-5)
+    assert mean["argmax_changed_spatial"] == 0 and mean["accuracy_t"] == 100 and counts["accuracy_t"] == 1
+
+
+def test_fckd_targets_runs_and_keeps_everything_at_threshold_1(tmp_path):
+    import train
+    from bench import fckd_targets
+    from utils import evaluate, model_from_checkpoint, segmentation_metrics
+
+    train.main(["--synthetic-length", "3", "--synthetic-size", "32", "--width", "0.125", "--batch-size", "2",
+                "--iters", "2", "--out", str(tmp_path / "teacher")])
+    ckpt = str(tmp_path / "teacher" / "last.pt")
+    rows = fckd_targets.main(["--teacher-ckpt", ckpt, "--thresholds", "0.5", "1.0", "--out", str(tmp_path)])
+    assert [row["threshold"] for row in rows] == [0.5, 1.0]
+    assert rows[1]["keep"] == 1.0 and rows[1]["dropped_mass_present"] == rows[1]["dropped_mass_absent"] == 0.0
+    for row in rows:
+        shares = [k for k in fckd_targets.COLUMNS if k != "spatial_support" and "accuracy" not in k]
+        assert all(0 <= row[k] <= 1 for k in shares if row[k] is not None)
+        assert 1 <= row["spatial_support"] <= 16  # N = 4 x 4 logits
+    # keeping every pixel, the accuracy of the teacher's own targets is its pixel accuracy as eval.py counts it
+    teacher, _ = model_from_checkpoint(ckpt)
+    dataset = build_dataset("synthetic", None, "val", False, length=3, image_size=32)
+    metrics = segmentation_metrics(evaluate(teacher, dataset, torch.device("cpu")), dataset.class_names)
+    assert math.isclose(rows[1]["accuracy_t"], metrics["aAcc"], abs_tol=1e-3)
+    assert json.loads((tmp_path / "fckd_targets_synthetic_gamma1.json").read_text())["rows"] == rows
