@@ -1,7 +1,7 @@
 """Accuracy of the FCKD student against the baseline, KD and CWD students, over seeds.
 
     python bench/accuracy.py --jobs 2                 # synthetic set, 3 seeds: 33 minutes on a 2-core CPU
-    python bench/accuracy.py --ablation --jobs 2       # FCKD's parts, 3 seeds
+    python bench/accuracy.py --ablation --jobs 2      # FCKD's parts, 3 seeds: 30 runs of about 5 minutes
     python bench/accuracy.py --setting camvid         # CamVid in data/camvid: R101 teacher, R18 students (GPU)
     python bench/accuracy.py -- --amp off             # everything after -- goes to every train.py run
 
