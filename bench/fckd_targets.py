@@ -13,8 +13,8 @@ reports, with M the condensation matrix, t~ = M t, and t_sp, t_ch the enhanced t
 - spatial attention, over the kept pixels i: exp(entropy) of the row softmax_j(<x_i, x_j> / sqrt C)
   (how many pixels a pixel effectively averages), its largest weight, and its weight on pixels of
   the teacher's own arg-max class.
-- channel attention: the weight of each channel on itself, and the share of channels whose
-  largest weight is on another channel.
+- channel attention: exp(entropy) of each channel's row (how many channels it effectively
+  averages), its weight on itself, and the share of channels whose largest weight is on another.
 - arg-max changed: the share of kept pixels whose arg-max class t_sp (and t_ch) moves away from t's.
 - accuracy (%) and top probability of the targets t and t_sp against the labels (logits upsampled to
   the label size as in training), over the kept pixels.
@@ -38,8 +38,9 @@ from fckd import condensation_matrix, soft_enhance  # noqa: E402
 from utils import model_from_checkpoint, synthetic_options, upsample  # noqa: E402
 
 COLUMNS = ("keep", "dropped_mass_present", "dropped_mass_absent", "spatial_support", "spatial_top_weight",
-           "spatial_same_class_weight", "channel_self_weight", "channel_attends_elsewhere", "argmax_changed_spatial",
-           "argmax_changed_channel", "accuracy_t", "accuracy_t_sp", "top_prob_t", "top_prob_t_sp")
+           "spatial_same_class_weight", "channel_support", "channel_self_weight", "channel_attends_elsewhere",
+           "argmax_changed_spatial", "argmax_changed_channel", "accuracy_t", "accuracy_t_sp", "top_prob_t",
+           "top_prob_t_sp")
 
 
 def target_statistics(logits, label, threshold, gamma, tau_channel):
@@ -70,6 +71,7 @@ def target_statistics(logits, label, threshold, gamma, tau_channel):
     add("spatial_same_class_weight", (attention * (argmax[kept, None] == argmax[None, :])).sum(1))
     maps = condensed.flatten(2)[0]  # C x N
     attention = torch.softmax(maps @ maps.T / math.sqrt(height * width), dim=1)
+    add("channel_support", torch.special.entr(attention).sum(1).exp())
     add("channel_self_weight", attention.diagonal())
     add("channel_attends_elsewhere", (attention.argmax(1) != torch.arange(classes, device=logits.device)).float())
     add("argmax_changed_spatial", (spatial.argmax(1).flatten() != argmax)[kept].float())

@@ -93,6 +93,7 @@ def test_fckd_target_statistics_on_a_worked_example():
     assert mean["spatial_same_class_weight"] > 0.9999
     # channel 0 attends to itself; channel 1 (all zeros once condensed) spreads evenly
     assert math.isclose(mean["channel_self_weight"], 0.75, rel_tol=1e-5)
+    assert math.isclose(mean["channel_support"], 1.5, rel_tol=1e-5)
     assert mean["argmax_changed_spatial"] == 0 and mean["accuracy_t"] == 100 and counts["accuracy_t"] == 1
 
 
@@ -108,9 +109,9 @@ def test_fckd_targets_runs_and_keeps_everything_at_threshold_1(tmp_path):
     assert [row["threshold"] for row in rows] == [0.5, 1.0]
     assert rows[1]["keep"] == 1.0 and rows[1]["dropped_mass_present"] == rows[1]["dropped_mass_absent"] == 0.0
     for row in rows:
-        shares = [k for k in fckd_targets.COLUMNS if k != "spatial_support" and "accuracy" not in k]
+        shares = [k for k in fckd_targets.COLUMNS if "support" not in k and "accuracy" not in k]
         assert all(0 <= row[k] <= 1 for k in shares if row[k] is not None)
-        assert 1 <= row["spatial_support"] <= 16  # N = 4 x 4 logits
+        assert 1 <= row["spatial_support"] <= 16 and 1 <= row["channel_support"] <= 8  # 4 x 4 logits, 8 classes
     # keeping every pixel, the accuracy of the teacher's own targets is its pixel accuracy as eval.py counts it
     teacher, _ = model_from_checkpoint(ckpt)
     dataset = build_dataset("synthetic", None, "val", False, length=3, image_size=32)
