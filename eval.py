@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import DATASET_NAMES, IGNORE_INDEX, MEAN, STD, build_dataset
+from data import DATASET_NAMES, IGNORE_INDEX, MEAN, STD
 from fckd import DEFAULT_THRESHOLD, condensation_matrix, pixel_entropy
-from utils import (autocast, evaluate, format_metrics, is_main, model_from_checkpoint, resolve_amp, run_cli,
-                   segmentation_metrics, setup_distributed, synthetic_options, teardown_distributed, upsample)
+from utils import (autocast, dataset_from_checkpoint, evaluate, format_metrics, is_main, model_from_checkpoint,
+                   resolve_amp, run_cli, segmentation_metrics, setup_distributed, teardown_distributed, upsample)
 
 IGNORE_COLOUR = (255, 255, 255)  # white: several palettes use black for a real class
 
@@ -90,12 +90,7 @@ def evaluate_checkpoint(args, device):
     model, checkpoint = model_from_checkpoint(args.ckpt)
     trained = checkpoint["args"]
     dataset_name = args.dataset or checkpoint["dataset"]
-    if dataset_name == checkpoint["dataset"]:
-        data_root = args.data_root or trained.get("data_root")
-        options = synthetic_options(dataset_name, trained.get("synthetic_length"), trained.get("synthetic_size"))
-    else:
-        data_root, options = args.data_root, {}
-    dataset = build_dataset(dataset_name, data_root, args.split, train=False, **options)
+    dataset = dataset_from_checkpoint(checkpoint, args.split, dataset_name, args.data_root)
     if dataset.num_classes != checkpoint["num_classes"]:
         raise ValueError(f"{args.ckpt} predicts {checkpoint['num_classes']} classes, the {dataset_name} set has "
                          f"{dataset.num_classes}")

@@ -1,7 +1,7 @@
 """
 What train.py and eval.py share: the torchrun process group, the segmentation metrics (one
 confusion matrix, summed over all ranks), whole-image prediction (multi-scale, flip, sliding
-window), checkpoint files (atomic save, checked load) and building a model from a checkpoint.
+window), checkpoint files (atomic save, checked load) and building a model, and its evaluation data, from a checkpoint.
 """
 
 import math
@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from data import IGNORE_INDEX
+from data import IGNORE_INDEX, build_dataset
 from models import build_model
 
 # -----------------------------------------------------------------------------
@@ -316,6 +316,18 @@ def model_from_checkpoint(path, name=None):
     load_state(model, checkpoint["model"], path,
                f"{name} with {checkpoint['num_classes']} classes and options {checkpoint['model_options']}")
     return model, checkpoint
+
+
+def dataset_from_checkpoint(checkpoint, split, name=None, data_root=None):
+    """The evaluation data (train=False) of a train.py checkpoint: its dataset, data root and
+    synthetic options, on `split`. `name` and `data_root` override the run's; another dataset
+    than the run's takes none of the run's settings."""
+    trained = checkpoint["args"]
+    name = name or checkpoint["dataset"]
+    if name != checkpoint["dataset"]:
+        return build_dataset(name, data_root, split, train=False)
+    options = synthetic_options(name, trained.get("synthetic_length"), trained.get("synthetic_size"))
+    return build_dataset(name, data_root or trained.get("data_root"), split, train=False, **options)
 
 
 # -----------------------------------------------------------------------------
