@@ -26,6 +26,7 @@ The attention matrices are formed explicitly here, one image at a time (N x N fl
 import argparse
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -33,9 +34,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import describe_run, save_results  # noqa: E402
-from data import IGNORE_INDEX, build_dataset  # noqa: E402
+from data import IGNORE_INDEX  # noqa: E402
 from fckd import condensation_matrix, soft_enhance  # noqa: E402
-from utils import model_from_checkpoint, synthetic_options, upsample  # noqa: E402
+from utils import dataset_from_checkpoint, model_from_checkpoint, upsample  # noqa: E402
 
 COLUMNS = ("keep", "dropped_mass_present", "dropped_mass_absent", "spatial_support", "spatial_top_weight",
            "spatial_same_class_weight", "channel_support", "channel_self_weight", "channel_attends_elsewhere",
@@ -44,33 +45,33 @@ COLUMNS = ("keep", "dropped_mass_present", "dropped_mass_absent", "spatial_suppo
 
 
 def target_statistics(logits, label, threshold, gamma, tau_channel):
-    """Sums and counts of every column for one image's teacher logits (1 x C x H x W) and label (1 x h x w)."""
+    """Sums and counts (Counters) of every column for one image's teacher logits (1 x C x H x W) and
+    label (1 x h x w)."""
     _, classes, height, width = logits.shape
     keep = condensation_matrix(logits, "hard", threshold)
     condensed = keep * logits
     spatial, channel = soft_enhance(condensed, "spatial", gamma), soft_enhance(condensed, "channel", gamma)
     kept = keep.flatten().bool()
     argmax = logits.argmax(1).flatten()
-    sums, counts = {}, {}
+    sums, counts = Counter(), Counter()
 
     def add(name, values):
-        sums[name] = sums.get(name, 0.0) + values.sum().item()
-        counts[name] = counts.get(name, 0) + values.numel()
+        sums[name] += values.sum().item()
+        counts[name] += values.numel()
 
     add("keep", keep)
     present = torch.zeros(classes, dtype=torch.bool, device=logits.device)
     present[argmax.unique()] = True
-    mass = (torch.softmax(condensed.flatten(2)[0] / tau_channel, dim=1) * (~kept)).sum(1)
+    maps = condensed.flatten(2)[0]  # C x N
+    mass = (torch.softmax(maps / tau_channel, dim=1) * (~kept)).sum(1)
     add("dropped_mass_present", mass[present])
     add("dropped_mass_absent", mass[~present])
 
-    tokens = condensed.flatten(2)[0].T  # N x C
-    attention = torch.softmax(tokens @ tokens.T / math.sqrt(classes), dim=1)[kept]
+    attention = torch.softmax(maps.T @ maps / math.sqrt(classes), dim=1)[kept]  # kept pixels x N
     add("spatial_support", torch.special.entr(attention).sum(1).exp())
     add("spatial_top_weight", attention.max(1).values)
     add("spatial_same_class_weight", (attention * (argmax[kept, None] == argmax[None, :])).sum(1))
-    maps = condensed.flatten(2)[0]  # C x N
-    attention = torch.softmax(maps @ maps.T / math.sqrt(height * width), dim=1)
+    attention = torch.softmax(maps @ maps.T / math.sqrt(height * width), dim=1)  # C x C
     add("channel_support", torch.special.entr(attention).sum(1).exp())
     add("channel_self_weight", attention.diagonal())
     add("channel_attends_elsewhere", (attention.argmax(1) != torch.arange(classes, device=logits.device)).float())
@@ -99,12 +100,10 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher, checkpoint = model_from_checkpoint(args.teacher_ckpt)
     teacher.eval().to(device)
-    trained = checkpoint["args"]
-    options = synthetic_options(checkpoint["dataset"], trained.get("synthetic_length"), trained.get("synthetic_size"))
-    dataset = build_dataset(checkpoint["dataset"], trained.get("data_root"), "val", train=False, **options)
+    dataset = dataset_from_checkpoint(checkpoint, "val")
     images = range(min(len(dataset), args.max_images or len(dataset)))
 
-    totals = {threshold: ({}, {}) for threshold in args.thresholds}
+    totals = {threshold: (Counter(), Counter()) for threshold in args.thresholds}
     with torch.no_grad():
         for index in images:
             image, label = dataset[index]
@@ -112,9 +111,8 @@ def main(argv=None):
             for threshold in args.thresholds:
                 sums, counts = target_statistics(logits, label[None].to(device), threshold, args.gamma,
                                                  args.tau_channel)
-                for name in sums:
-                    totals[threshold][0][name] = totals[threshold][0].get(name, 0.0) + sums[name]
-                    totals[threshold][1][name] = totals[threshold][1].get(name, 0) + counts[name]
+                totals[threshold][0].update(sums)
+                totals[threshold][1].update(counts)
     rows = [{"threshold": threshold, **{name: sums[name] / counts[name] if counts[name] else None for name in COLUMNS}}
             for threshold, (sums, counts) in totals.items()]
 
