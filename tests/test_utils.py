@@ -56,8 +56,12 @@ def test_metrics_match_a_brute_force_count_with_ignored_pixels():
     for key in ("aAcc", "mAcc", "mIoU"):
         assert metrics[key] == pytest.approx(expected[key], rel=1e-12)
     for c, name in enumerate(names):
-        assert metrics["per_class"][name]["IoU"] == pytest.approx(expected["iou"][c], rel=1e-12)
-        assert metrics["per_class"][name]["Acc"] == pytest.approx(expected["acc"][c], rel=1e-12)
+        for key, want in (("IoU", expected["iou"][c]), ("Acc", expected["acc"][c])):
+            got = metrics["per_class"][name][key]
+            if want is None:  # undefined for this class: must be reported as undefined, not as a number
+                assert got is None, (name, key, got)
+            else:
+                assert got == pytest.approx(want, rel=1e-12), (name, key)
     # the mmseg conventions: predicted-but-unlabelled class 4 has IoU 0 (counted) and no Acc;
     # class 5, in neither labels nor predictions, is undefined and left out of both means
     assert metrics["per_class"]["c4"] == {"IoU": 0.0, "Acc": None}
