@@ -1,8 +1,8 @@
 """FCKD: feature condensation knowledge distillation for semantic segmentation.
 
 A reading of "FCKDNet: A Feature Condensation Knowledge Distillation Network for Semantic
-Segmentation" (Entropy 2023, 25(1), 125) as one loss. This file imports nothing but torch and
-the standard library: copy it into any training loop.
+Segmentation" (Entropy 2023, 25(1), 125) as one loss, revision 2 of this project's spec. This
+file imports nothing but torch and the standard library: copy it into any training loop.
 
 The paper's abstract fixes four steps; its equations were not available, so the formulas below
 are this implementation's reading. Every part marked (choice) is a constructor argument of
@@ -16,21 +16,31 @@ arithmetic runs in float32, whatever dtype arrives and whether or not autocast i
        p = softmax_C(t),   Hn = -sum_c p_c log p_c / log C   in [0, 1],   B x 1 x H x W
 2. Feature condensation matrix M (paper: separates confident foreground knowledge from
    uncertain background noise), no gradient:
-       hard (default): M = [Hn <= threshold]     threshold = 0.7 (choice, from validation results)
+       hard (default): M = [Hn <= threshold]     (choice: threshold)
        soft:           M = 1 - Hn                (choice)
        none:           M = 1
-   and it is applied to the original outputs of both nets (paper):  t~ = M t,  s~ = M s.
-3. Soft enhancement of the condensed teacher along space and channels (paper: "soft
-   enhancement ... to strengthen the dependency between pixels"; the form is a choice):
-   parameter-free self-attention on X = t~ viewed as C x N, N = H W,
-       E_sp(X)[:, i] = sum_j softmax_j(<X[:, i], X[:, j]> / sqrt(C)) X[:, j]   (N x N, never stored)
-       E_ch(X)[c]    = sum_d softmax_d(<X[c], X[d]> / sqrt(N)) X[d]            (C x C)
-       t_sp = (t~ + gamma E_sp(t~)) / (1 + gamma),   t_ch = (t~ + gamma E_ch(t~)) / (1 + gamma)
-4. Two distillation losses (paper: spatial and channel condensation features, each with its own
-   loss; the KL forms and defaults follow the KD and CWD recipes the paper compares with: choice)
-       L_sp = tau_s^2 / (B H W) sum_{b,i} KL(softmax_C(t_sp[b,:,i] / tau_s) || softmax_C(s~[b,:,i] / tau_s))
-       L_ch = tau_c^2 / (B C)   sum_{b,c} KL(softmax_N(t_ch[b,c,:] / tau_c) || softmax_N(s~[b,c,:] / tau_c))
+3. M is applied to the outputs of both nets (paper); how is a choice, `apply`:
+       multiply (revision 1, the literal wording): X = M t, S = M s, every pixel counts below
+       mask: X = t, S = s, and M weights the pixels: w = M enters every softmax over pixels as
+             + log w (a pixel with M = 0 is absent from it) and weights each pixel's spatial KL
+   (under multiply, w = 1 below).
+4. Soft enhancement of the teacher along space and channels (paper: "soft enhancement ... to
+   strengthen the dependency between pixels"; the form is a choice): parameter-free attention
+   on X viewed as C x N, N = H W,
+       E_sp(X)[:, i] = sum_j softmax_j(score(X[:, i], X[:, j]) + log w_j) X[:, j]   (N x N, never stored)
+       E_ch(X)[c]    = sum_d softmax_d(score(X[c] w, X[d] w)) X[d]                  (C x C)
+       t_sp = (X + gamma E_sp(X)) / (1 + gamma),   t_ch = (X + gamma E_ch(X)) / (1 + gamma)
+   with `similarity` (choice):
+       dot (revision 1): score(u, v) = <u, v> / sqrt(len(u))
+       cosine:           score(u, v) = <u, v> / (max(|u|, 1e-12) max(|v|, 1e-12) temperature)
+5. Two distillation losses (paper: spatial and channel condensation features, each with its own
+   loss; the KL forms and defaults follow the KD and CWD recipes the paper compares with: choice),
+   KL_bi = KL(softmax_C(t_sp[b,:,i] / tau_s) || softmax_C(S[b,:,i] / tau_s)),
+   P_bc = softmax_N(t_ch[b,c,:] / tau_c + log w_b),   Q_bc = softmax_N(S[b,c,:] / tau_c + log w_b):
+       L_sp = tau_s^2 sum_{b,i} w_bi KL_bi / sum_{b,i} w_bi      (multiply: the mean over B H W)
+       L_ch = tau_c^2 / (C * images that keep a pixel) sum_{b,c} KL(P_bc || Q_bc)   (multiply: / (B C))
        L_FCKD = lambda_s L_sp + lambda_c L_ch        defaults tau_s=1, lambda_s=1, tau_c=4, lambda_c=3
+   An image (or a batch) in which M keeps no pixel adds 0 and sends no gradient.
 
 Special cases: with condense="none", enhance=False, L_sp is pixel-wise KD (Hinton, per pixel)
 and L_ch is channel-wise distillation (CWD, Shu et al., ICCV 2021); spatial_kd and channel_kd
@@ -43,10 +53,15 @@ import torch
 import torch.nn.functional as F
 
 CONDENSE_MODES = ("hard", "soft", "none")
-# The spec starts the hard threshold at 0.5 and leaves its default to validation evidence: on the
-# synthetic val split (3 seeds) 0.7 beat 0.5 and 0.3 (README, "Results"); CamVid is still to be measured.
-DEFAULT_THRESHOLD = 0.7
+APPLY_MODES = ("multiply", "mask")
+SIMILARITIES = ("dot", "cosine")
 ENHANCE_DIMS = ("spatial", "channel")
+# Defaults of the choices that the spec leaves to validation evidence (README, "Choosing the defaults").
+DEFAULT_THRESHOLD = 0.7
+DEFAULT_APPLY = "multiply"
+DEFAULT_SIMILARITY = "dot"
+DEFAULT_TEMPERATURE = 0.1
+DEFAULT_GAMMA = 1.0
 
 
 def _check_4d(x, name):
@@ -55,14 +70,24 @@ def _check_4d(x, name):
         raise ValueError(f"{name} must be a 4-D tensor B x C x H x W, got {shape}")
 
 
+def _check_choice(value, choices, name):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def _check_nonnegative(value, name):
-    if not value >= 0:  # also catches NaN
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    if not 0 <= value < math.inf:  # also catches NaN
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
 
 
 def _check_positive(value, name):
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def _check_threshold(threshold):
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
 
 
 def _prepare(student_logits, teacher_logits):
@@ -91,21 +116,56 @@ def _float32_only(x):
     return torch.autocast(x.device.type, enabled=False)
 
 
-def _kl_along(student, teacher, dim, tau):
-    """sum over `dim` of KL(softmax(teacher / tau) || softmax(student / tau)), one value per slice."""
-    log_p = F.log_softmax(teacher / tau, dim=dim)
-    log_q = F.log_softmax(student / tau, dim=dim)
+def _log_weights(weights):
+    """log w, with log 0 taken as the most negative float32 instead of -inf.
+
+    Added to logits, it makes a pixel's softmax share exactly 0 (its exp underflows), so the
+    pixel is absent, while every value and gradient stays finite, even in an image with no pixel
+    kept, whose softmax is then uniform (and whose terms the losses drop).
+    """
+    return torch.where(weights > 0, weights.log(), torch.finfo(torch.float32).min)
+
+
+def _kl_along(student, teacher, dim, tau, log_weights=None):
+    """sum over `dim` of KL(softmax(teacher / tau + log w) || softmax(student / tau + log w)), one value per slice.
+
+    Where p = 0 (a pixel of weight 0) the term is 0 * (finite) = 0, with zero gradient.
+    """
+    teacher, student = teacher / tau, student / tau
+    if log_weights is not None:
+        teacher, student = teacher + log_weights, student + log_weights
+    log_p = F.log_softmax(teacher, dim=dim)
+    log_q = F.log_softmax(student, dim=dim)
     return (log_p.exp() * (log_p - log_q)).sum(dim)
 
 
-def _spatial_loss(student, teacher, tau):
-    """tau^2 / (B H W) * sum over pixels of KL over classes (inputs already float32, same size)."""
-    return tau * tau * _kl_along(student, teacher, dim=1, tau=tau).mean()
+def _spatial_loss(student, teacher, tau, weights=None):
+    """tau^2 * the w-weighted mean over pixels of KL over classes; w = 1 (None): the plain mean.
+
+    weights: B x 1 x H x W. With all w = 0 the loss is 0 (the denominator is clamped, the
+    numerator is 0), never NaN.
+    """
+    kl = _kl_along(student, teacher, dim=1, tau=tau)  # B x H x W
+    if weights is None:
+        return tau * tau * kl.mean()
+    weights = weights[:, 0]
+    return tau * tau * (weights * kl).sum() / weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def _channel_loss(student, teacher, tau):
-    """tau^2 / (B C) * sum over channels of KL over pixels (inputs already float32, same size)."""
-    return tau * tau * _kl_along(student.flatten(2), teacher.flatten(2), dim=2, tau=tau).mean()
+def _channel_loss(student, teacher, tau, weights=None):
+    """tau^2 * the mean over (image, channel) of KL over pixels; w = 1 (None): every image counts.
+
+    With weights (B x 1 x H x W) each softmax over pixels gets + log w, and images that keep no
+    pixel are left out of the sum and of the count.
+    """
+    student, teacher = student.flatten(2), teacher.flatten(2)  # B x C x N
+    if weights is None:
+        return tau * tau * _kl_along(student, teacher, dim=2, tau=tau).mean()
+    weights = weights.flatten(2)  # B x 1 x N
+    kl = _kl_along(student, teacher, dim=2, tau=tau, log_weights=_log_weights(weights))  # B x C
+    keeps_a_pixel = (weights.sum(2) > 0).float()  # B x 1
+    counted = (keeps_a_pixel.sum() * kl.shape[1]).clamp_min(1.0)
+    return tau * tau * (kl * keeps_a_pixel).sum() / counted
 
 
 def pixel_entropy(logits):
@@ -129,10 +189,8 @@ def condensation_matrix(teacher_logits, mode="hard", threshold=DEFAULT_THRESHOLD
 
     hard: M = 1 where Hn <= threshold, else 0.   soft: M = 1 - Hn.   none: M = 1.
     """
-    if mode not in CONDENSE_MODES:
-        raise ValueError(f"condensation mode must be one of {CONDENSE_MODES}, got {mode!r}")
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+    _check_choice(mode, CONDENSE_MODES, "condensation mode")
+    _check_threshold(threshold)
     with torch.no_grad():
         entropy = pixel_entropy(teacher_logits.detach())
         if mode == "hard":
@@ -142,46 +200,65 @@ def condensation_matrix(teacher_logits, mode="hard", threshold=DEFAULT_THRESHOLD
         return torch.ones_like(entropy)
 
 
-def _spatial_attention(x):
-    """E_sp(X): each pixel becomes the softmax(<x_i, x_j> / sqrt(C))-weighted mean of all pixels.
+def _spatial_attention(x, similarity, temperature, weights):
+    """E_sp(X)[:, i] = sum_j softmax_j(score(x_i, x_j) + log w_j) x_j over the H W pixels.
 
-    Runs as one-head scaled_dot_product_attention with q = k = v = X^T, so the N x N matrix is
+    Runs as one-head scaled_dot_product_attention with q = k = X^T (unit rows for cosine),
+    v = X^T and log w as a float mask added to every query's scores, so the N x N matrix is
     never stored. C is zero-padded to a multiple of 8 (what the fused GPU kernels want); zero
-    columns change neither the dot products nor, with the scale passed explicitly, the softmax.
+    columns change neither the dot products nor the norms, and the scale is passed explicitly.
     """
     batch, channels, height, width = x.shape
-    tokens = x.flatten(2).transpose(1, 2)  # B x N x C
+    values = x.flatten(2).transpose(1, 2)  # B x N x C
+    if similarity == "cosine":
+        keys, scale = F.normalize(values, dim=-1, eps=1e-12), 1.0 / temperature
+    else:
+        keys, scale = values, 1.0 / math.sqrt(channels)
     padded = -channels % 8
-    if padded:
-        tokens = F.pad(tokens, (0, padded))
-    tokens = tokens.unsqueeze(1)  # one head: B x 1 x N x C'
-    out = F.scaled_dot_product_attention(tokens, tokens, tokens, scale=1.0 / math.sqrt(channels))
+    keys, values = (F.pad(z, (0, padded)).unsqueeze(1) for z in (keys, values))  # one head: B x 1 x N x C'
+    mask = None if weights is None else _log_weights(weights.flatten(2)).unsqueeze(1)  # B x 1 x 1 x N
+    out = F.scaled_dot_product_attention(keys, keys, values, attn_mask=mask, scale=scale)
     return out[:, 0, :, :channels].transpose(1, 2).reshape(batch, channels, height, width)
 
 
-def _channel_attention(x):
-    """E_ch(X): each channel map becomes the softmax(<X_c, X_d> / sqrt(N))-weighted mean of all maps."""
+def _channel_attention(x, similarity, temperature, weights):
+    """E_ch(X)[c] = sum_d softmax_d(score(X_c w, X_d w)) X_d over the C channel maps."""
     batch, channels, height, width = x.shape
     maps = x.flatten(2)  # B x C x N
-    attention = torch.softmax(maps @ maps.transpose(1, 2) / math.sqrt(height * width), dim=-1)
-    return (attention @ maps).reshape(batch, channels, height, width)
+    probes = maps if weights is None else maps * weights.flatten(2)
+    if similarity == "cosine":
+        probes = F.normalize(probes, dim=-1, eps=1e-12)
+        scores = probes @ probes.transpose(1, 2) / temperature
+    else:
+        scores = probes @ probes.transpose(1, 2) / math.sqrt(height * width)
+    return (torch.softmax(scores, dim=-1) @ maps).reshape(batch, channels, height, width)
 
 
-def soft_enhance(x, dim, gamma=1.0):
-    """Parameter-free soft enhancement of condensed teacher logits x (B x C x H x W, no gradient).
+def soft_enhance(x, dim, gamma=DEFAULT_GAMMA, similarity=DEFAULT_SIMILARITY, temperature=DEFAULT_TEMPERATURE,
+                 weights=None):
+    """Parameter-free soft enhancement of teacher logits x (B x C x H x W, no gradient), step 4.
 
     dim="spatial": t_sp = (x + gamma E_sp(x)) / (1 + gamma), attention over the H W pixels.
     dim="channel": t_ch = (x + gamma E_ch(x)) / (1 + gamma), attention over the C channels.
+    similarity "dot": <u, v> / sqrt(len(u));  "cosine": <u, v> / (|u| |v| temperature).
+    weights: the B x 1 x H x W matrix M of the mask reading (None: every pixel weighs 1); it
+    enters the spatial softmax as + log w and the channel scores as maps X_c * w.
     Returns float32.
     """
     _check_4d(x, "x")
-    if dim not in ENHANCE_DIMS:
-        raise ValueError(f"enhancement dim must be one of {ENHANCE_DIMS}, got {dim!r}")
+    _check_choice(dim, ENHANCE_DIMS, "enhancement dim")
+    _check_choice(similarity, SIMILARITIES, "similarity")
     _check_nonnegative(gamma, "gamma")
+    _check_positive(temperature, "temperature")
+    if weights is not None and (weights.dim() != 4 or weights.shape[1] != 1 or weights.shape[0] != x.shape[0]
+                                or weights.shape[2:] != x.shape[2:]):
+        raise ValueError(f"weights must be B x 1 x H x W for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(weights.shape)}")
     x = x.detach().float()
+    weights = None if weights is None else weights.detach().float()
     with torch.no_grad(), _float32_only(x):
-        enhanced = _spatial_attention(x) if dim == "spatial" else _channel_attention(x)
-        return (x + gamma * enhanced) / (1.0 + gamma)
+        attention = _spatial_attention if dim == "spatial" else _channel_attention
+        return (x + gamma * attention(x, similarity, temperature, weights)) / (1.0 + gamma)
 
 
 def spatial_kd(student_logits, teacher_logits, tau=1.0):
@@ -209,20 +286,22 @@ class FCKDLoss(torch.nn.Module):
     No host-device synchronisation happens inside forward.
     """
 
-    def __init__(self, condense="hard", threshold=DEFAULT_THRESHOLD, enhance=True, gamma=1.0, tau_spatial=1.0,
-                 tau_channel=4.0, lambda_spatial=1.0, lambda_channel=3.0):
+    def __init__(self, *, condense="hard", threshold=DEFAULT_THRESHOLD, apply=DEFAULT_APPLY, enhance=True,
+                 similarity=DEFAULT_SIMILARITY, temperature=DEFAULT_TEMPERATURE, gamma=DEFAULT_GAMMA,
+                 tau_spatial=1.0, tau_channel=4.0, lambda_spatial=1.0, lambda_channel=3.0):
         super().__init__()
-        if condense not in CONDENSE_MODES:
-            raise ValueError(f"condense must be one of {CONDENSE_MODES}, got {condense!r}")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+        _check_choice(condense, CONDENSE_MODES, "condense")
+        _check_threshold(threshold)
+        _check_choice(apply, APPLY_MODES, "apply")
+        _check_choice(similarity, SIMILARITIES, "similarity")
+        _check_positive(temperature, "temperature")
         _check_nonnegative(gamma, "gamma")
         _check_positive(tau_spatial, "tau_spatial")
         _check_positive(tau_channel, "tau_channel")
         _check_nonnegative(lambda_spatial, "lambda_spatial")
         _check_nonnegative(lambda_channel, "lambda_channel")
-        self.condense, self.threshold = condense, threshold
-        self.enhance, self.gamma = enhance, gamma
+        self.condense, self.threshold, self.apply = condense, threshold, apply
+        self.enhance, self.similarity, self.temperature, self.gamma = enhance, similarity, temperature, gamma
         self.tau_spatial, self.tau_channel = tau_spatial, tau_channel
         self.lambda_spatial, self.lambda_channel = lambda_spatial, lambda_channel
 
@@ -230,18 +309,23 @@ class FCKDLoss(torch.nn.Module):
         student, teacher = _prepare(student_logits, teacher_logits)
         with _float32_only(student):
             keep = condensation_matrix(teacher, self.condense, self.threshold)
-            teacher, student = keep * teacher, keep * student
-            if self.enhance:
-                teacher_spatial = soft_enhance(teacher, "spatial", self.gamma)
-                teacher_channel = soft_enhance(teacher, "channel", self.gamma)
+            if self.apply == "mask":
+                weights = keep
             else:
-                teacher_spatial = teacher_channel = teacher
-            spatial = _spatial_loss(student, teacher_spatial, self.tau_spatial)
-            channel = _channel_loss(student, teacher_channel, self.tau_channel)
+                teacher, student, weights = keep * teacher, keep * student, None
+            teacher_spatial = teacher_channel = teacher
+            if self.enhance:
+                options = dict(gamma=self.gamma, similarity=self.similarity, temperature=self.temperature,
+                               weights=weights)
+                teacher_spatial = soft_enhance(teacher, "spatial", **options)
+                teacher_channel = soft_enhance(teacher, "channel", **options)
+            spatial = _spatial_loss(student, teacher_spatial, self.tau_spatial, weights)
+            channel = _channel_loss(student, teacher_channel, self.tau_channel, weights)
             loss = self.lambda_spatial * spatial + self.lambda_channel * channel
         return {"loss": loss, "spatial": spatial, "channel": channel, "keep_ratio": keep.mean()}
 
     def extra_repr(self):
-        return (f"condense={self.condense!r}, threshold={self.threshold}, enhance={self.enhance}, "
+        return (f"condense={self.condense!r}, threshold={self.threshold}, apply={self.apply!r}, "
+                f"enhance={self.enhance}, similarity={self.similarity!r}, temperature={self.temperature}, "
                 f"gamma={self.gamma}, tau_spatial={self.tau_spatial}, tau_channel={self.tau_channel}, "
                 f"lambda_spatial={self.lambda_spatial}, lambda_channel={self.lambda_channel}")

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from data import DATASET_NAMES, IGNORE_INDEX, build_dataset
-from fckd import CONDENSE_MODES, DEFAULT_THRESHOLD, FCKDLoss, channel_kd, spatial_kd
+from fckd import (APPLY_MODES, CONDENSE_MODES, DEFAULT_APPLY, DEFAULT_GAMMA, DEFAULT_SIMILARITY, DEFAULT_TEMPERATURE,
+                  DEFAULT_THRESHOLD, SIMILARITIES, FCKDLoss, channel_kd, spatial_kd)
 from models import MODEL_NAMES, build_model
 from utils import (all_reduce, autocast, evaluate, is_main, load_checkpoint, load_state, model_from_checkpoint,
                    metrics_line, resolve_amp, run_cli, save_checkpoint, segmentation_metrics, setup_distributed,
@@ -74,8 +75,15 @@ def parse_args(argv=None):
     p.add_argument("--fckd-condense", choices=CONDENSE_MODES, default="hard", help="default: %(default)s")
     p.add_argument("--fckd-threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="entropy threshold of the hard condensation (default: %(default)s)")
+    p.add_argument("--fckd-apply", choices=APPLY_MODES, default=DEFAULT_APPLY,
+                   help="how the condensation matrix acts on both nets' logits (default: %(default)s)")
     p.add_argument("--no-fckd-enhance", dest="fckd_enhance", action="store_false", help="no soft enhancement")
-    p.add_argument("--fckd-gamma", type=float, default=1.0, help="soft enhancement weight (default: %(default)s)")
+    p.add_argument("--fckd-similarity", choices=SIMILARITIES, default=DEFAULT_SIMILARITY,
+                   help="attention score of the soft enhancement (default: %(default)s)")
+    p.add_argument("--fckd-temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help="temperature of the cosine similarity (default: %(default)s)")
+    p.add_argument("--fckd-gamma", type=float, default=DEFAULT_GAMMA,
+                   help="soft enhancement weight (default: %(default)s)")
     p.add_argument("--tau-spatial", type=float, default=1.0,
                    help="temperature of the spatial loss, fckd and kd (default: %(default)s)")
     p.add_argument("--tau-channel", type=float, default=4.0,
@@ -195,22 +203,35 @@ def poly_lr(base_lr, iteration, iters, power=POLY_POWER):
     return base_lr * (1 - iteration / iters) ** power
 
 
-def distillation(args):
-    """The --kd term as a function (student logits, teacher logits) -> {"kd": weighted loss, ...};
-    FCKD also reports keep_ratio, the share of pixels its condensation matrix keeps."""
-    if args.kd == "fckd":
-        fckd_loss = FCKDLoss(args.fckd_condense, args.fckd_threshold, args.fckd_enhance, args.fckd_gamma,
-                             args.tau_spatial, args.tau_channel, args.lambda_spatial, args.lambda_channel)
+def loss_settings(args):
+    """FCKDLoss's keyword arguments, one to one from the --fckd-*, --tau-* and --lambda-* flags."""
+    return {"condense": args.fckd_condense, "threshold": args.fckd_threshold, "apply": args.fckd_apply,
+            "enhance": args.fckd_enhance, "similarity": args.fckd_similarity, "temperature": args.fckd_temperature,
+            "gamma": args.fckd_gamma, "tau_spatial": args.tau_spatial, "tau_channel": args.tau_channel,
+            "lambda_spatial": args.lambda_spatial, "lambda_channel": args.lambda_channel}
+
+
+def distillation(kd, settings):
+    """The distillation term as a function (student logits, teacher logits) -> {"kd": weighted loss, ...}.
+
+    kd: "fckd", "kd" or "cwd"; settings: FCKDLoss's keyword arguments (kd uses only tau_spatial and
+    lambda_spatial, cwd only tau_channel and lambda_channel). FCKD also reports keep_ratio, the
+    share of pixels its condensation matrix keeps.
+    """
+    if kd == "fckd":
+        fckd_loss = FCKDLoss(**settings)
 
         def distill(student_logits, teacher_logits):
             parts = fckd_loss(student_logits, teacher_logits)
             return {"kd": parts["loss"], "keep_ratio": parts["keep_ratio"]}
-    elif args.kd == "kd":
+    elif kd == "kd":
         def distill(student_logits, teacher_logits):
-            return {"kd": args.lambda_spatial * spatial_kd(student_logits, teacher_logits, args.tau_spatial)}
+            return {"kd": settings["lambda_spatial"] * spatial_kd(student_logits, teacher_logits,
+                                                                  settings["tau_spatial"])}
     else:
         def distill(student_logits, teacher_logits):
-            return {"kd": args.lambda_channel * channel_kd(student_logits, teacher_logits, args.tau_channel)}
+            return {"kd": settings["lambda_channel"] * channel_kd(student_logits, teacher_logits,
+                                                                  settings["tau_channel"])}
     return distill
 
 
@@ -321,7 +342,7 @@ def train(args, rank, world_size, device):
             raise ValueError(f"teacher checkpoint {args.teacher_ckpt} predicts {teacher_checkpoint['num_classes']} "
                              f"classes, the {args.dataset} set has {num_classes}")
         teacher.requires_grad_(False).eval().to(device, memory_format=memory_format)
-        distill = distillation(args)
+        distill = distillation(args.kd, loss_settings(args))
 
     # student (same initial weights on every rank; dropout masks differ per rank)
     seed_everything(args.seed)

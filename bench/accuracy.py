@@ -1,7 +1,8 @@
 """Accuracy of the FCKD student against the baseline, KD and CWD students, over seeds.
 
     python bench/accuracy.py --jobs 2                 # synthetic set, 3 seeds: 33 minutes on a 2-core CPU
-    python bench/accuracy.py --ablation --jobs 2      # FCKD's parts, 3 seeds: 30 runs of about 5 minutes
+    python bench/accuracy.py --table ablation --jobs 2  # FCKD's parts, 3 seeds: 30 runs of about 5 minutes
+    python bench/accuracy.py --table screen --jobs 2    # revision 2's candidates and their ablation rows
     python bench/accuracy.py --setting camvid         # CamVid in data/camvid: R101 teacher, R18 students (GPU)
     python bench/accuracy.py -- --amp off             # everything after -- goes to every train.py run
 
@@ -9,7 +10,7 @@ Trains the teacher once (seed 0), then every student with --seed s, each with tr
 setting's budget (--jobs N: N students at a time, the CPU threads split between them), and
 evaluates the weights of the last iteration with eval.py on the val split (no checkpoint is
 picked on the val split). Prints a table of mIoU and mAcc, mean +- sample std over the seeds with
-the per-seed values, and writes it to bench/results/accuracy_SETTING[_ablation].json.
+the per-seed values, and writes it to bench/results/accuracy_SETTING[_TABLE].json.
 
 Resumable: run NAME_sSEED lives in runs/accuracy/SETTING/NAME_sSEED; one with a result.json is not
 run again, and an interrupted one continues from its last.pt (train.py --resume auto).
@@ -62,6 +63,33 @@ ABLATION = {  # FCKD with one part changed; "fckd" is FCKDLoss's defaults (hard 
     "fckd spatial only": ["--kd", "fckd", "--lambda-channel", "0"],
     "fckd channel only": ["--kd", "fckd", "--lambda-spatial", "0"],
 }
+
+
+def _fckd(apply, similarity, threshold, gamma=None, temperature=None):
+    """Explicit flags for one FCKD reading, so that a row does not move when the defaults do."""
+    flags = ["--kd", "fckd", "--fckd-apply", apply, "--fckd-similarity", similarity, "--fckd-threshold", threshold]
+    flags += ["--no-fckd-enhance"] if gamma is None else ["--fckd-gamma", gamma]
+    return flags + (["--fckd-temperature", temperature] if temperature else [])
+
+
+# Revision 2's screen (README, "Choosing the defaults"): the candidates and the rule were written
+# down before the runs. Listed in the order they run: the new rows first, the reference rows last.
+SCREEN = {
+    "C2 mask, cosine T 0.1, threshold 0.7, gamma 1": _fckd("mask", "cosine", "0.7", "1", "0.1"),
+    "C3 mask, cosine T 0.1, threshold 0.7, gamma 0.5": _fckd("mask", "cosine", "0.7", "0.5", "0.1"),
+    "C4 mask, cosine T 0.1, threshold 0.7, gamma 0.25": _fckd("mask", "cosine", "0.7", "0.25", "0.1"),
+    "C5 mask, cosine T 0.05, threshold 0.7, gamma 0.5": _fckd("mask", "cosine", "0.7", "0.5", "0.05"),
+    "C6 mask, cosine T 0.1, threshold 0.5, gamma 0.5": _fckd("mask", "cosine", "0.5", "0.5", "0.1"),
+    "ablation: mask, threshold 0.7, no enhancement": _fckd("mask", "dot", "0.7"),
+    "ablation: multiply, cosine T 0.1, threshold 0.7, gamma 1": _fckd("multiply", "cosine", "0.7", "1", "0.1"),
+    "ablation: mask, dot, threshold 0.7, gamma 1": _fckd("mask", "dot", "0.7", "1"),
+    "C1 revision 1: multiply, dot, threshold 0.7, gamma 1": _fckd("multiply", "dot", "0.7", "1"),
+    "control: KD + CWD (no condensation, no enhancement)": ["--kd", "fckd", "--fckd-condense", "none",
+                                                           "--no-fckd-enhance"],
+    "cwd": ["--kd", "cwd"],
+    "baseline": [],
+}
+TABLES = {"methods": METHODS, "ablation": ABLATION, "screen": SCREEN}
 
 
 def run_dir(out, name, seed):
@@ -134,7 +162,9 @@ def main(argv=None):
     own = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=SETTINGS, default="synthetic", help="default: %(default)s")
-    parser.add_argument("--ablation", action="store_true", help="FCKD's parts instead of the four methods")
+    parser.add_argument("--table", choices=TABLES, default="methods",
+                        help="methods: baseline, KD, CWD, FCKD; ablation: FCKD's parts; screen: revision 2's "
+                             "candidates (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
     parser.add_argument("--jobs", type=int, default=1, help="student runs at a time (default: %(default)s)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "accuracy"), help="default: runs/accuracy")
@@ -152,7 +182,7 @@ def main(argv=None):
     teacher_args = [*setting["common"], *setting["teacher"], *extra]
     teacher = run("teacher", 0, teacher_args, out, None)
     teacher_ckpt = str(run_dir(out, "teacher", 0) / "last.pt")
-    variants = ABLATION if args.ablation else METHODS
+    variants = TABLES[args.table]
     jobs = [(name, seed, [*setting["common"], *setting["student"], *extra,
                           *(["--teacher-ckpt", teacher_ckpt, *flags] if flags else [])])
             for name, flags in variants.items() for seed in args.seeds]
@@ -164,14 +194,16 @@ def main(argv=None):
         by_name.setdefault(name, {})[seed] = result
     baseline = summarise("baseline", by_name["baseline"]) if "baseline" in by_name else None
     rows = [summarise(f"teacher ({' '.join(setting['teacher'])})", {0: teacher})]
-    rows += [summarise(name, res, baseline and baseline["mIoU_mean"]) for name, res in by_name.items()]
+    rows += [summarise(name, res, baseline and baseline["mIoU_mean"])
+             for name, res in sorted(by_name.items(), key=lambda item: item[0] != "baseline")]  # baseline first
     table = format_table(rows)
     print(table)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     header = {**describe_run("accuracy.py", argv, device), "setting": args.setting, "seeds": args.seeds,
               "threads_per_run": threads or torch.get_num_threads(),
               "teacher_command": teacher["train_command"], "table": table}
-    save_results(args.out, f"accuracy_{args.setting}{'_ablation' if args.ablation else ''}.json", header, rows)
+    suffix = "" if args.table == "methods" else f"_{args.table}"
+    save_results(args.out, f"accuracy_{args.setting}{suffix}.json", header, rows)
     return rows
 
 

@@ -12,6 +12,7 @@ TFLOP/s, and the peak memory allocated on CUDA. Prints a table and writes JSON t
 """
 
 import argparse
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -21,17 +22,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import describe_run, save_results  # noqa: E402
+from fckd import FCKDLoss  # noqa: E402
 from models import build_model  # noqa: E402
-from train import distillation, make_optimizer, parse_args, train_losses  # noqa: E402
+from train import distillation, make_optimizer, train_losses  # noqa: E402
 from utils import autocast  # noqa: E402
 
 MODES = ("student", "student+teacher", "kd", "cwd", "fckd")
+# FCKDLoss's defaults, which are train.py's (tests/test_train.py checks that they agree)
+LOSS_DEFAULTS = {name: p.default for name, p in inspect.signature(FCKDLoss).parameters.items()}
 
 
 def make_step(mode, student, teacher, optimizer, device, amp, compile_loss):
     """One training step of train.py's objective for `mode`; returns the loss tensor (no sync)."""
     if mode in ("kd", "cwd", "fckd"):
-        distill = distillation(parse_args(["--kd", mode, "--teacher-ckpt", "unused.pt"]))
+        distill = distillation(mode, LOSS_DEFAULTS)
         if compile_loss:
             distill = torch.compile(distill)
     else:

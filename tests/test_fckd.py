@@ -45,35 +45,68 @@ def ref_matrix(t, mode, threshold):
     return torch.ones_like(hn)
 
 
-def ref_enhance(x, dim, gamma):
+def ref_score(u, v, similarity, temperature):
+    """Scores between the columns of u (L x n) and of v (L x m): n x m."""
+    if similarity == "dot":
+        return u.T @ v / math.sqrt(u.shape[0])
+    un = u / u.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    vn = v / v.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    return un.T @ vn / temperature
+
+
+def ref_log(w):
+    return torch.where(w > 0, torch.log(w), torch.full_like(w, -math.inf))
+
+
+def ref_enhance(x, dim, gamma, similarity="dot", temperature=0.1, weights=None):
+    """Step 4 of the spec with the attention materialised; weights None means w = 1."""
     b, c, hgt, wid = x.shape
     n = hgt * wid
     out = torch.empty_like(x)
     for i in range(b):
         X = x[i].reshape(c, n)  # C x N
+        w = torch.ones(n, dtype=x.dtype) if weights is None else weights[i].reshape(n).to(x.dtype)
         if dim == "spatial":
-            A = ref_softmax(X.T @ X / math.sqrt(c), 1)  # N x N, row i = weights of pixel i
+            A = ref_softmax(ref_score(X, X, similarity, temperature) + ref_log(w)[None, :], 1)  # N x N, row i: pixel i
             E = (A @ X.T).T
         else:
-            A = ref_softmax(X @ X.T / math.sqrt(n), 1)  # C x C
+            probes = X * w[None, :]
+            A = ref_softmax(ref_score(probes.T, probes.T, similarity, temperature), 1)  # C x C
             E = A @ X
         out[i] = ((X + gamma * E) / (1 + gamma)).reshape(c, hgt, wid)
     return out
 
 
-def ref_fckd(s, t, condense="hard", threshold=0.5, enhance=True, gamma=1.0, tau_s=1.0, tau_c=4.0,
-             lam_s=1.0, lam_c=3.0):
+def ref_fckd(s, t, condense="hard", threshold=0.5, apply="multiply", enhance=True, similarity="dot",
+             temperature=0.1, gamma=1.0, tau_s=1.0, tau_c=4.0, lam_s=1.0, lam_c=3.0):
     s, t = s.double(), t.double()
     if s.shape[2:] != t.shape[2:]:
         s = F.interpolate(s, size=t.shape[2:], mode="bilinear", align_corners=False)
     b, c, hgt, wid = t.shape
     m = ref_matrix(t, condense, threshold)
-    tc, sc = m * t, m * s
-    t_sp = ref_enhance(tc, "spatial", gamma) if enhance else tc
-    t_ch = ref_enhance(tc, "channel", gamma) if enhance else tc
-    l_sp = tau_s ** 2 / (b * hgt * wid) * ref_kl(ref_softmax(t_sp / tau_s, 1), ref_softmax(sc / tau_s, 1), 1).sum()
-    t_flat, s_flat = t_ch.reshape(b, c, -1), sc.reshape(b, c, -1)
-    l_ch = tau_c ** 2 / (b * c) * ref_kl(ref_softmax(t_flat / tau_c, 2), ref_softmax(s_flat / tau_c, 2), 2).sum()
+    if apply == "multiply":
+        X, S, w = m * t, m * s, None
+    else:
+        X, S, w = t, s, m
+    options = dict(similarity=similarity, temperature=temperature, weights=w)
+    t_sp = ref_enhance(X, "spatial", gamma, **options) if enhance else X
+    t_ch = ref_enhance(X, "channel", gamma, **options) if enhance else X
+    kl_pixels = ref_kl(ref_softmax(t_sp / tau_s, 1), ref_softmax(S / tau_s, 1), 1)  # B x H x W
+    if apply == "multiply":
+        l_sp = tau_s ** 2 / (b * hgt * wid) * kl_pixels.sum()
+    else:
+        l_sp = tau_s ** 2 * (m[:, 0] * kl_pixels).sum() / m.sum() if m.sum() > 0 else torch.zeros((), dtype=t.dtype)
+    l_ch, counted = torch.zeros((), dtype=t.dtype), 0
+    for i in range(b):
+        w_i = torch.ones(hgt * wid, dtype=t.dtype) if apply == "multiply" else m[i].reshape(-1)
+        if w_i.sum() == 0:
+            continue  # an image that keeps no pixel adds nothing and is not counted
+        log_w = ref_log(w_i)[None, :]
+        p = ref_softmax(t_ch[i].reshape(c, -1) / tau_c + log_w, 1)
+        q = ref_softmax(S[i].reshape(c, -1) / tau_c + log_w, 1)
+        l_ch = l_ch + ref_kl(p, q, 1).sum()
+        counted += c
+    l_ch = tau_c ** 2 * l_ch / max(counted, 1)
     return {"loss": lam_s * l_sp + lam_c * l_ch, "spatial": l_sp, "channel": l_ch, "keep_ratio": m.mean()}
 
 
@@ -84,14 +117,18 @@ def logits(*shape, scale=3.0, seed=0):
 
 # ----------------------------------------------------------------------------- values
 
+@pytest.mark.parametrize("apply", ["multiply", "mask"])
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
 @pytest.mark.parametrize("condense", ["hard", "soft", "none"])
 @pytest.mark.parametrize("enhance", [True, False])
 @pytest.mark.parametrize("student_size", [(6, 10), (3, 5)])
-def test_matches_float64_reference(condense, enhance, student_size):
+def test_matches_float64_reference(apply, similarity, condense, enhance, student_size):
     t = logits(2, 7, 6, 10, seed=1)
     s = logits(2, 7, *student_size, seed=2)
-    got = fckd.FCKDLoss(condense=condense, threshold=0.6, enhance=enhance, gamma=0.7)(s, t)
-    want = ref_fckd(s, t, condense=condense, threshold=0.6, enhance=enhance, gamma=0.7)
+    options = dict(condense=condense, threshold=0.6, apply=apply, enhance=enhance, similarity=similarity,
+                   temperature=0.2, gamma=0.7)
+    got = fckd.FCKDLoss(**options)(s, t)
+    want = ref_fckd(s, t, **options)
     if condense == "hard":  # the threshold should actually split the pixels in this fixture
         assert 0.1 < float(want["keep_ratio"]) < 0.9
     for key in ("loss", "spatial", "channel", "keep_ratio"):
@@ -110,10 +147,49 @@ def test_non_default_temperatures_and_weights():
 
 @pytest.mark.parametrize("dim", ["spatial", "channel"])
 @pytest.mark.parametrize("channels", [8, 19])  # 19 exercises the zero padding to a multiple of 8
-def test_soft_enhance_matches_materialised_attention(dim, channels):
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_soft_enhance_matches_materialised_attention(dim, channels, similarity, weighted):
     x = logits(2, channels, 5, 7, seed=5)
-    got = fckd.soft_enhance(x, dim, gamma=1.3)
-    torch.testing.assert_close(got.double(), ref_enhance(x.double(), dim, 1.3), rtol=1e-5, atol=1e-5)
+    weights = None
+    if weighted:  # a hard matrix with a soft value or two: both kinds of weight
+        weights = (torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(6)) > 0.4).float()
+        weights[0, 0, 0, :2] = torch.tensor([0.3, 0.8])
+    got = fckd.soft_enhance(x, dim, gamma=1.3, similarity=similarity, temperature=0.15, weights=weights)
+    want = ref_enhance(x.double(), dim, 1.3, similarity, 0.15, None if weights is None else weights.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim", ["spatial", "channel"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cosine_weights_do_not_depend_on_the_scale_of_the_logits(dim, weighted):
+    """E(k x) = k E(x) for any k > 0 exactly when the attention weights do not change with k."""
+    x = logits(2, 6, 4, 5, seed=30)
+    weights = (torch.rand(2, 1, 4, 5, generator=torch.Generator().manual_seed(31)) > 0.3).float() if weighted else None
+    base = fckd.soft_enhance(x, dim, similarity="cosine", temperature=0.1, weights=weights)
+    for k in (0.01, 7.0, 300.0):
+        scaled = fckd.soft_enhance(k * x, dim, similarity="cosine", temperature=0.1, weights=weights)
+        torch.testing.assert_close(scaled, k * base, rtol=1e-4, atol=1e-5 * k)
+    # the dot product is not scale-free: the same check fails for it (on small logits, whose dot
+    # attention is not yet one-hot)
+    small = x / 50
+    dot = fckd.soft_enhance(small, dim, similarity="dot", weights=weights)
+    assert not torch.allclose(fckd.soft_enhance(7.0 * small, dim, similarity="dot", weights=weights), 7.0 * dot,
+                              rtol=1e-3, atol=1e-3)
+
+
+def test_cosine_attention_puts_most_weight_on_the_pixel_itself():
+    """The reason for cosine: a vector's most similar vector is itself, whatever the norms."""
+    x = logits(1, 8, 4, 4, seed=32)
+    x[0, :, 0, 0] *= 50  # one pixel of large norm: under dot it draws the attention of its neighbours
+    tokens = x.double().reshape(8, 16)
+    attention = ref_softmax(ref_score(tokens, tokens, "cosine", 0.05), 1)
+    assert (attention.argmax(1) == torch.arange(16)).all()
+    assert (ref_softmax(ref_score(tokens, tokens, "dot", None), 1).argmax(1) == 0).sum() > 1  # dot: pixel 0 draws others
+    # and fckd.soft_enhance with gamma large is close to that average, never dominated by pixel 0
+    enhanced = fckd.soft_enhance(x, "spatial", gamma=1e6, similarity="cosine", temperature=0.05)
+    want = (attention @ tokens.T).T.reshape(1, 8, 4, 4)
+    torch.testing.assert_close(enhanced.double(), want, rtol=1e-4, atol=1e-4)
 
 
 def test_soft_enhance_gamma_zero_is_identity_and_has_no_gradient():
@@ -173,42 +249,91 @@ def ref_cwd(s, t, tau):
     return (p_t * (F.log_softmax(t2 / tau, 1) - F.log_softmax(s2 / tau, 1))).sum() * tau ** 2 / (b * c)
 
 
+@pytest.mark.parametrize("apply", ["multiply", "mask"])
 @pytest.mark.parametrize("tau", [1.0, 3.0])
-def test_fckd_reduces_to_pixel_kd(tau):
+def test_fckd_reduces_to_pixel_kd(apply, tau):
     t, s = logits(2, 6, 5, 7, seed=10), logits(2, 6, 5, 7, seed=11)
-    loss = fckd.FCKDLoss(condense="none", enhance=False, lambda_channel=0.0, tau_spatial=tau)(s, t)["loss"]
+    loss = fckd.FCKDLoss(condense="none", apply=apply, enhance=False, lambda_channel=0.0, tau_spatial=tau)(s, t)["loss"]
     torch.testing.assert_close(loss.double(), ref_pixel_kd(s, t, tau))
     torch.testing.assert_close(fckd.spatial_kd(s, t, tau).double(), ref_pixel_kd(s, t, tau))
 
 
+@pytest.mark.parametrize("apply", ["multiply", "mask"])
 @pytest.mark.parametrize("tau", [1.0, 4.0])
-def test_fckd_reduces_to_cwd(tau):
+def test_fckd_reduces_to_cwd(apply, tau):
     t, s = logits(2, 6, 5, 7, seed=12), logits(2, 6, 5, 7, seed=13)
-    loss = fckd.FCKDLoss(condense="none", enhance=False, lambda_spatial=0.0, lambda_channel=1.0,
+    loss = fckd.FCKDLoss(condense="none", apply=apply, enhance=False, lambda_spatial=0.0, lambda_channel=1.0,
                          tau_channel=tau)(s, t)["loss"]
     torch.testing.assert_close(loss.double(), ref_cwd(s, t, tau))
     torch.testing.assert_close(fckd.channel_kd(s, t, tau).double(), ref_cwd(s, t, tau))
 
 
+def kept_pixels(x, keep):
+    """The pixels of image b that keep[b] keeps, as a 1 x C x 1 x n tensor (the others deleted)."""
+    return x.permute(1, 0, 2, 3)[:, keep[:, 0]].reshape(1, x.shape[1], 1, -1)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_mask_with_hard_matrix_is_kd_and_cwd_on_the_kept_pixels_only(tau):
+    t, s = logits(3, 6, 5, 7, seed=40), logits(3, 6, 5, 7, seed=41)
+    t[2] = 0.0  # a uniform teacher: image 2 keeps no pixel and must count for nothing
+    keep = fckd.condensation_matrix(t, "hard", 0.8).bool()
+    assert 0 < keep[:2].sum() < keep[:2].numel() and not keep[2].any()
+    options = dict(condense="hard", threshold=0.8, apply="mask", enhance=False, tau_spatial=tau, tau_channel=tau)
+    out = fckd.FCKDLoss(**options)(s, t)
+    # KD over the kept pixels of all images, as if the dropped ones had been deleted
+    close = dict(rtol=1e-5, atol=1e-6)  # float32 against the float64 reference
+    torch.testing.assert_close(out["spatial"].double(), ref_pixel_kd(kept_pixels(s, keep), kept_pixels(t, keep), tau),
+                               **close)
+    # CWD image by image on the kept pixels only, averaged over the (image, channel) pairs that keep a pixel
+    per_image = [ref_cwd(kept_pixels(s[i:i + 1], keep[i:i + 1]), kept_pixels(t[i:i + 1], keep[i:i + 1]), tau)
+                 for i in range(2)]
+    torch.testing.assert_close(out["channel"].double(), sum(per_image) / 2, **close)
+
+
+@pytest.mark.parametrize("apply", ["multiply", "mask"])
 @pytest.mark.parametrize("condense", ["hard", "soft", "none"])
-def test_identical_logits_give_zero_loss_and_zero_gradient(condense):
+def test_identical_logits_give_zero_loss_and_zero_gradient(apply, condense):
     t = logits(2, 5, 6, 6, seed=14)
     s = t.clone().requires_grad_()
-    out = fckd.FCKDLoss(condense=condense, enhance=False)(s, t)
+    out = fckd.FCKDLoss(condense=condense, apply=apply, enhance=False)(s, t)
     out["loss"].backward()
     assert abs(float(out["loss"].detach())) < 1e-6
     assert s.grad.abs().max() < 1e-6
 
 
-def test_condensed_out_pixels_send_no_gradient():
+@pytest.mark.parametrize("apply", ["multiply", "mask"])
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_condensed_out_pixels_send_no_gradient(apply, similarity):
     t = logits(2, 5, 6, 6, scale=2.0, seed=15)
     s = logits(2, 5, 6, 6, seed=16).requires_grad_()
-    fckd.FCKDLoss(threshold=0.5)(s, t)["loss"].backward()
+    fckd.FCKDLoss(threshold=0.5, apply=apply, similarity=similarity)(s, t)["loss"].backward()
     dropped = fckd.condensation_matrix(t, "hard", 0.5) == 0
     assert dropped.any() and (~dropped).any()
     grad = s.grad.abs().sum(1, keepdim=True)
     assert grad[dropped].max() == 0
     assert grad[~dropped].min() > 0
+
+
+@pytest.mark.parametrize("apply", ["multiply", "mask"])
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+@pytest.mark.parametrize("condense", ["hard", "soft"])
+def test_a_matrix_that_keeps_no_pixel_gives_finite_values_and_gradients(apply, similarity, condense):
+    t = logits(2, 5, 4, 6, scale=4.0, seed=42)
+    t[1] = 0.0  # image 1: a uniform teacher, entropy 1 everywhere, so M = 0 there (hard and soft)
+    options = dict(condense=condense, threshold=0.9, apply=apply, similarity=similarity, gamma=0.5)
+    for teacher in (t, torch.zeros_like(t)):  # one image empty, then the whole batch
+        s = logits(2, 5, 4, 6, seed=43).requires_grad_()
+        out = fckd.FCKDLoss(**options)(s, teacher)
+        out["loss"].backward()
+        assert all(torch.isfinite(v) for v in out.values()) and torch.isfinite(s.grad).all()
+        assert fckd.condensation_matrix(teacher[1:], condense, 0.9).max() == 0
+        if apply == "mask":  # an image with no pixel kept adds nothing and sends no gradient
+            assert s.grad[1].abs().max() == 0
+    assert out["keep_ratio"] == 0 and (apply == "multiply" or out["loss"] == 0)
+    if apply == "mask":  # so the first batch's loss is image 0's alone
+        alone = ref_fckd(s[:1].detach(), t[:1], **options)["loss"]
+        torch.testing.assert_close(fckd.FCKDLoss(**options)(s, t)["loss"].double(), alone, rtol=1e-5, atol=1e-6)
 
 
 def test_teacher_gets_no_gradient():
@@ -220,9 +345,10 @@ def test_teacher_gets_no_gradient():
 
 # ----------------------------------------------------------------------------- precision
 
-def test_bf16_inputs_are_close_to_float32():
+@pytest.mark.parametrize("apply, similarity", [("multiply", "dot"), ("mask", "cosine")])
+def test_bf16_inputs_are_close_to_float32(apply, similarity):
     t, s = logits(2, 19, 8, 12, seed=17), logits(2, 19, 8, 12, seed=18)
-    loss_fn = fckd.FCKDLoss(condense="soft")
+    loss_fn = fckd.FCKDLoss(condense="soft", apply=apply, similarity=similarity)
     full = loss_fn(s, t)
     half = loss_fn(s.bfloat16(), t.bfloat16())
     ref = loss_fn(s.bfloat16().float(), t.bfloat16().float())  # same rounded inputs, float32 inside
@@ -232,11 +358,13 @@ def test_bf16_inputs_are_close_to_float32():
         torch.testing.assert_close(half[key], full[key], rtol=2e-2, atol=1e-3)
 
 
-def test_autocast_does_not_lower_precision():
+@pytest.mark.parametrize("apply, similarity", [("multiply", "dot"), ("mask", "cosine")])
+def test_autocast_does_not_lower_precision(apply, similarity):
     t, s = logits(2, 19, 8, 12, seed=19), logits(2, 19, 8, 12, seed=20)
-    plain = fckd.FCKDLoss()(s, t)
+    loss_fn = fckd.FCKDLoss(apply=apply, similarity=similarity)
+    plain = loss_fn(s, t)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        cast = fckd.FCKDLoss()(s, t)
+        cast = loss_fn(s, t)
         kd, cwd = fckd.spatial_kd(s, t), fckd.channel_kd(s, t)
     for key in ("loss", "spatial", "channel", "keep_ratio"):
         torch.testing.assert_close(cast[key], plain[key], rtol=1e-5, atol=1e-6)
@@ -244,11 +372,13 @@ def test_autocast_does_not_lower_precision():
     torch.testing.assert_close(cwd, fckd.channel_kd(s, t))
 
 
+@pytest.mark.parametrize("apply", ["multiply", "mask"])
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
 @pytest.mark.parametrize("condense", ["hard", "soft", "none"])
-def test_extreme_logits_stay_finite(condense):
+def test_extreme_logits_stay_finite(apply, similarity, condense):
     t = logits(2, 19, 6, 8, scale=1e4, seed=21)
     s = logits(2, 19, 6, 8, scale=1e4, seed=22).requires_grad_()
-    out = fckd.FCKDLoss(condense=condense, threshold=0.9)(s, t)
+    out = fckd.FCKDLoss(condense=condense, threshold=0.9, apply=apply, similarity=similarity)(s, t)
     out["loss"].backward()
     for key, value in out.items():
         assert torch.isfinite(value), key
@@ -271,7 +401,17 @@ def test_extreme_logits_stay_finite(condense):
     (lambda: fckd.condensation_matrix(torch.zeros(1, 3, 2, 2), mode="median"), r"mode.*'median'"),
     (lambda: fckd.soft_enhance(torch.zeros(1, 3, 2, 2), "temporal"), r"dim.*'temporal'"),
     (lambda: fckd.soft_enhance(torch.zeros(1, 3, 2, 2), "spatial", gamma=-1.0), r"gamma.*-1.0"),
+    (lambda: fckd.soft_enhance(torch.zeros(1, 3, 2, 2), "spatial", similarity="euclid"), r"similarity.*'euclid'"),
+    (lambda: fckd.soft_enhance(torch.zeros(1, 3, 2, 2), "spatial", temperature=0.0), r"temperature.*0.0"),
+    (lambda: fckd.soft_enhance(torch.zeros(2, 3, 2, 2), "channel", weights=torch.ones(2, 1, 2, 3)),
+     r"weights.*\(2, 3, 2, 2\).*\(2, 1, 2, 3\)"),
+    (lambda: fckd.soft_enhance(torch.zeros(2, 3, 2, 2), "spatial", weights=torch.ones(2, 3, 2, 2)), r"B x 1 x H x W"),
     (lambda: fckd.FCKDLoss(condense="entropy"), r"condense.*'entropy'"),
+    (lambda: fckd.FCKDLoss(apply="add"), r"apply.*'add'"),
+    (lambda: fckd.FCKDLoss(similarity="l2"), r"similarity.*'l2'"),
+    (lambda: fckd.FCKDLoss(temperature=-0.1), r"temperature.*-0.1"),
+    (lambda: fckd.FCKDLoss(temperature=float("nan")), r"temperature.*nan"),
+    (lambda: fckd.FCKDLoss(gamma=float("inf")), r"gamma.*inf"),
     (lambda: fckd.FCKDLoss(threshold=2.0), r"threshold"),
     (lambda: fckd.FCKDLoss(gamma=-0.5), r"gamma"),
     (lambda: fckd.FCKDLoss(tau_spatial=-1.0), r"tau_spatial"),
@@ -284,6 +424,12 @@ def test_extreme_logits_stay_finite(condense):
 def test_bad_input_raises_clear_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_fckdloss_takes_keyword_arguments_only():
+    """Revision 2 inserted arguments: a positional call written for revision 1 must fail, not shift."""
+    with pytest.raises(TypeError):
+        fckd.FCKDLoss("hard", 0.7)
 
 
 # ----------------------------------------------------------------------------- portability

@@ -114,9 +114,32 @@ def test_fckd_flags_default_to_fckdloss_defaults():
     args = train.parse_args(["--teacher-ckpt", "t.pt"])
     assert args.kd == "fckd"
     defaults = {name: p.default for name, p in inspect.signature(FCKDLoss).parameters.items()}
-    assert defaults == {"condense": args.fckd_condense, "threshold": args.fckd_threshold, "enhance": args.fckd_enhance,
-                        "gamma": args.fckd_gamma, "tau_spatial": args.tau_spatial, "tau_channel": args.tau_channel,
+    assert defaults == {"condense": args.fckd_condense, "threshold": args.fckd_threshold, "apply": args.fckd_apply,
+                        "enhance": args.fckd_enhance, "similarity": args.fckd_similarity,
+                        "temperature": args.fckd_temperature, "gamma": args.fckd_gamma,
+                        "tau_spatial": args.tau_spatial, "tau_channel": args.tau_channel,
                         "lambda_spatial": args.lambda_spatial, "lambda_channel": args.lambda_channel}
+    assert train.loss_settings(args) == defaults
+
+
+def test_fckd_flags_map_one_to_one_to_fckdloss():
+    args = train.parse_args(["--teacher-ckpt", "t.pt", "--fckd-condense", "soft", "--fckd-threshold", "0.4",
+                             "--fckd-apply", "mask", "--no-fckd-enhance", "--fckd-similarity", "cosine",
+                             "--fckd-temperature", "0.05", "--fckd-gamma", "0.5", "--tau-spatial", "2",
+                             "--tau-channel", "3", "--lambda-spatial", "0.5", "--lambda-channel", "2"])
+    assert train.loss_settings(args) == {
+        "condense": "soft", "threshold": 0.4, "apply": "mask", "enhance": False, "similarity": "cosine",
+        "temperature": 0.05, "gamma": 0.5, "tau_spatial": 2.0, "tau_channel": 3.0, "lambda_spatial": 0.5,
+        "lambda_channel": 2.0}
+
+
+def test_revision_2_fckd_trains(tmp_path, teacher_ckpt):
+    run(tmp_path, "--iters", 2, "--teacher-ckpt", teacher_ckpt, "--fckd-apply", "mask", "--fckd-similarity", "cosine",
+        "--fckd-temperature", "0.1", "--fckd-gamma", "0.5", "--fckd-threshold", 1.0, "--log-every", 1)
+    for r in read_log(tmp_path):
+        if "kd" in r:
+            assert r["kd"] > 0 and r["keep_ratio"] == 1.0
+            assert r["loss"] == pytest.approx(r["ce"] + r["aux"] + r["kd"], rel=1e-5)
 
 
 def test_per_dataset_defaults():
