@@ -65,29 +65,46 @@ ABLATION = {  # FCKD with one part changed; "fckd" is FCKDLoss's defaults (hard 
 }
 
 
-def _fckd(apply, similarity, threshold, gamma=None, temperature=None):
-    """Explicit flags for one FCKD reading, so that a row does not move when the defaults do."""
-    flags = ["--kd", "fckd", "--fckd-apply", apply, "--fckd-similarity", similarity, "--fckd-threshold", threshold]
-    flags += ["--no-fckd-enhance"] if gamma is None else ["--fckd-gamma", gamma]
-    return flags + (["--fckd-temperature", temperature] if temperature else [])
+# Revision 2's screen (README, "Choosing the defaults"): the FCKD readings, as FCKDLoss keyword
+# arguments, and the rule were written down before the runs. bench/fckd_targets.py measures what
+# each reading does to the teacher's targets.
+READINGS = {
+    "C2 mask, cosine T 0.1, threshold 0.7, gamma 1":
+        dict(apply="mask", similarity="cosine", temperature=0.1, threshold=0.7, gamma=1.0),
+    "C3 mask, cosine T 0.1, threshold 0.7, gamma 0.5":
+        dict(apply="mask", similarity="cosine", temperature=0.1, threshold=0.7, gamma=0.5),
+    "C4 mask, cosine T 0.1, threshold 0.7, gamma 0.25":
+        dict(apply="mask", similarity="cosine", temperature=0.1, threshold=0.7, gamma=0.25),
+    "C5 mask, cosine T 0.05, threshold 0.7, gamma 0.5":
+        dict(apply="mask", similarity="cosine", temperature=0.05, threshold=0.7, gamma=0.5),
+    "C6 mask, cosine T 0.1, threshold 0.5, gamma 0.5":
+        dict(apply="mask", similarity="cosine", temperature=0.1, threshold=0.5, gamma=0.5),
+    "C1 revision 1: multiply, dot, threshold 0.7, gamma 1":
+        dict(apply="multiply", similarity="dot", threshold=0.7, gamma=1.0),
+    "ablation: mask, threshold 0.7, no enhancement": dict(apply="mask", similarity="dot", threshold=0.7, enhance=False),
+    "ablation: multiply, cosine T 0.1, threshold 0.7, gamma 1":
+        dict(apply="multiply", similarity="cosine", temperature=0.1, threshold=0.7, gamma=1.0),
+    "ablation: mask, dot, threshold 0.7, gamma 1": dict(apply="mask", similarity="dot", threshold=0.7, gamma=1.0),
+}
 
 
-# Revision 2's screen (README, "Choosing the defaults"): the candidates and the rule were written
-# down before the runs. Listed in the order they run: the new rows first, the reference rows last.
-SCREEN = {
-    "C2 mask, cosine T 0.1, threshold 0.7, gamma 1": _fckd("mask", "cosine", "0.7", "1", "0.1"),
-    "C3 mask, cosine T 0.1, threshold 0.7, gamma 0.5": _fckd("mask", "cosine", "0.7", "0.5", "0.1"),
-    "C4 mask, cosine T 0.1, threshold 0.7, gamma 0.25": _fckd("mask", "cosine", "0.7", "0.25", "0.1"),
-    "C5 mask, cosine T 0.05, threshold 0.7, gamma 0.5": _fckd("mask", "cosine", "0.7", "0.5", "0.05"),
-    "C6 mask, cosine T 0.1, threshold 0.5, gamma 0.5": _fckd("mask", "cosine", "0.5", "0.5", "0.1"),
-    "ablation: mask, threshold 0.7, no enhancement": _fckd("mask", "dot", "0.7"),
-    "ablation: multiply, cosine T 0.1, threshold 0.7, gamma 1": _fckd("multiply", "cosine", "0.7", "1", "0.1"),
-    "ablation: mask, dot, threshold 0.7, gamma 1": _fckd("mask", "dot", "0.7", "1"),
-    "C1 revision 1: multiply, dot, threshold 0.7, gamma 1": _fckd("multiply", "dot", "0.7", "1"),
+def fckd_flags(reading):
+    """train.py flags for one reading, every setting explicit so that a row does not move with the defaults."""
+    flags = ["--kd", "fckd", "--fckd-apply", reading["apply"], "--fckd-similarity", reading["similarity"],
+             "--fckd-threshold", str(reading["threshold"])]
+    if not reading.get("enhance", True):
+        return flags + ["--no-fckd-enhance"]
+    flags += ["--fckd-gamma", str(reading["gamma"])]
+    return flags + (["--fckd-temperature", str(reading["temperature"])] if "temperature" in reading else [])
+
+
+SCREEN = {  # the candidates, then the references that the rule and the target need, then the ablation
+    **{name: fckd_flags(reading) for name, reading in READINGS.items() if not name.startswith("ablation")},
+    "baseline": [],
+    "cwd": ["--kd", "cwd"],
     "control: KD + CWD (no condensation, no enhancement)": ["--kd", "fckd", "--fckd-condense", "none",
                                                            "--no-fckd-enhance"],
-    "cwd": ["--kd", "cwd"],
-    "baseline": [],
+    **{name: fckd_flags(reading) for name, reading in READINGS.items() if name.startswith("ablation")},
 }
 TABLES = {"methods": METHODS, "ablation": ABLATION, "screen": SCREEN}
 

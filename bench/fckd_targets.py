@@ -1,26 +1,29 @@
 """What FCKD's condensation and soft enhancement do to a trained teacher's targets, on a val split.
 
     python bench/fckd_targets.py --teacher-ckpt runs/accuracy/synthetic/teacher_s0/last.pt
-    python bench/fckd_targets.py --teacher-ckpt T.pt --thresholds 0.5 0.7 1.0 --gamma 0.25
+    python bench/fckd_targets.py --teacher-ckpt T.pt --readings "C1 revision 1: multiply, dot, threshold 0.7, gamma 1"
 
-For each hard threshold (1.0 keeps every pixel) it runs the teacher on every val image and
-reports, with M the condensation matrix, t~ = M t, and t_sp, t_ch the enhanced targets
-(fckd.soft_enhance at --gamma):
+One row per FCKD reading (bench/accuracy.py's READINGS: apply, similarity, temperature, hard
+threshold, gamma). For each, it runs the teacher on every val image and reports, with M the
+condensation matrix, X the teacher logits the reading enhances (M t under multiply, t under
+mask), w the pixel weights (1 under multiply, M under mask) and t_sp, t_ch the enhanced targets
+(fckd.soft_enhance):
 - keep: mean(M), the share of pixels distilled.
-- dropped mass: the share of a class's channel target softmax_N(t~_c / tau_c) that lies on the
-  dropped pixels (where t~ = 0), for the classes the teacher predicts somewhere in the image
-  ("present") and for the others ("absent").
-- spatial attention, over the kept pixels i: exp(entropy) of the row softmax_j(<x_i, x_j> / sqrt C)
-  (how many pixels a pixel effectively averages), its largest weight, and its weight on pixels of
-  the teacher's own arg-max class.
-- channel attention: exp(entropy) of each channel's row (how many channels it effectively
-  averages), its weight on itself, and the share of channels whose largest weight is on another.
+- dropped mass: the share of a class's channel target softmax_N(X_c / tau_c + log w) that lies
+  on the dropped pixels, for the classes the teacher predicts somewhere in the image ("present")
+  and for the others ("absent"). Under mask it is 0 by construction.
+- spatial attention (readings with the enhancement only), over the kept pixels i: the row softmax_j(score(x_i, x_j) + log w_j);
+  exp(entropy) of it (how many pixels a pixel effectively averages), its weight on pixel i
+  itself, its largest weight, and its weight on pixels of the teacher's own arg-max class.
+- channel attention (likewise): exp(entropy) of each channel's row softmax_d(score(X_c w, X_d w)) (how many
+  channels it effectively averages), its weight on itself, and the share of channels whose
+  largest weight is on another.
 - arg-max changed: the share of kept pixels whose arg-max class t_sp (and t_ch) moves away from t's.
 - accuracy (%) and top probability of the targets t and t_sp against the labels (logits upsampled to
   the label size as in training), over the kept pixels.
 
 The attention matrices are formed explicitly here, one image at a time (N x N floats, 29 MB for a
-360x480 CamVid frame at stride 8). Prints a table and writes bench/results/fckd_targets_DATASET_gammaG.json.
+360x480 CamVid frame at stride 8). Prints a table and writes bench/results/fckd_targets_DATASET.json.
 """
 
 import argparse
@@ -30,28 +33,45 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.accuracy import READINGS  # noqa: E402
 from bench.common import describe_run, save_results  # noqa: E402
 from data import IGNORE_INDEX  # noqa: E402
-from fckd import condensation_matrix, soft_enhance  # noqa: E402
+from fckd import DEFAULT_TEMPERATURE, condensation_matrix, soft_enhance  # noqa: E402
 from utils import dataset_from_checkpoint, model_from_checkpoint, upsample  # noqa: E402
 
-COLUMNS = ("keep", "dropped_mass_present", "dropped_mass_absent", "spatial_support", "spatial_top_weight",
-           "spatial_same_class_weight", "channel_support", "channel_self_weight", "channel_attends_elsewhere",
-           "argmax_changed_spatial", "argmax_changed_channel", "accuracy_t", "accuracy_t_sp", "top_prob_t",
-           "top_prob_t_sp")
+COLUMNS = ("keep", "dropped_mass_present", "dropped_mass_absent", "spatial_support", "spatial_self_weight",
+           "spatial_top_weight", "spatial_same_class_weight", "channel_support", "channel_self_weight",
+           "channel_attends_elsewhere", "argmax_changed_spatial", "argmax_changed_channel", "accuracy_t",
+           "accuracy_t_sp", "top_prob_t", "top_prob_t_sp")
 
 
-def target_statistics(logits, label, threshold, gamma, tau_channel):
-    """Sums and counts (Counters) of every column for one image's teacher logits (1 x C x H x W) and
-    label (1 x h x w)."""
-    _, classes, height, width = logits.shape
-    keep = condensation_matrix(logits, "hard", threshold)
-    condensed = keep * logits
-    spatial, channel = soft_enhance(condensed, "spatial", gamma), soft_enhance(condensed, "channel", gamma)
+def attention_weights(vectors, similarity, temperature, log_weights=None):
+    """Row-softmax of the scores between the rows of `vectors` (n x L), + log w on the columns: n x n."""
+    if similarity == "cosine":
+        unit = F.normalize(vectors, dim=1, eps=1e-12)
+        scores = unit @ unit.T / temperature
+    else:
+        scores = vectors @ vectors.T / math.sqrt(vectors.shape[1])
+    return torch.softmax(scores if log_weights is None else scores + log_weights, dim=1)
+
+
+def target_statistics(logits, label, reading, tau_channel):
+    """Sums and counts (Counters) of every column for one image's teacher logits (1 x C x H x W),
+    label (1 x h x w) and reading (FCKDLoss keyword arguments, as in bench/accuracy.py's READINGS)."""
+    classes = logits.shape[1]
+    similarity, temperature = reading["similarity"], reading.get("temperature", DEFAULT_TEMPERATURE)
+    gamma = reading["gamma"] if reading.get("enhance", True) else 0.0  # no enhancement: t_sp = t_ch = X
+    keep = condensation_matrix(logits, "hard", reading["threshold"])
+    masked = reading["apply"] == "mask"
+    x, weights = (logits, keep) if masked else (keep * logits, None)
+    options = dict(gamma=gamma, similarity=similarity, temperature=temperature, weights=weights)
+    spatial, channel = soft_enhance(x, "spatial", **options), soft_enhance(x, "channel", **options)
     kept = keep.flatten().bool()
+    log_w = torch.zeros_like(keep.flatten()) if not masked else torch.where(kept, 0.0, -math.inf)
     argmax = logits.argmax(1).flatten()
     sums, counts = Counter(), Counter()
 
@@ -62,25 +82,32 @@ def target_statistics(logits, label, threshold, gamma, tau_channel):
     add("keep", keep)
     present = torch.zeros(classes, dtype=torch.bool, device=logits.device)
     present[argmax.unique()] = True
-    maps = condensed.flatten(2)[0]  # C x N
-    mass = (torch.softmax(maps / tau_channel, dim=1) * (~kept)).sum(1)
-    add("dropped_mass_present", mass[present])
-    add("dropped_mass_absent", mass[~present])
+    maps = x.flatten(2)[0]  # C x N
+    if kept.any() or not masked:  # under mask an image with no pixel kept has no channel target at all
+        mass = (torch.softmax(maps / tau_channel + log_w, dim=1) * (~kept)).sum(1)
+        add("dropped_mass_present", mass[present])
+        add("dropped_mass_absent", mass[~present])
 
-    attention = torch.softmax(maps.T @ maps / math.sqrt(classes), dim=1)[kept]  # kept pixels x N
-    add("spatial_support", torch.special.entr(attention).sum(1).exp())
-    add("spatial_top_weight", attention.max(1).values)
-    add("spatial_same_class_weight", (attention * (argmax[kept, None] == argmax[None, :])).sum(1))
-    attention = torch.softmax(maps @ maps.T / math.sqrt(height * width), dim=1)  # C x C
-    add("channel_support", torch.special.entr(attention).sum(1).exp())
-    add("channel_self_weight", attention.diagonal())
-    add("channel_attends_elsewhere", (attention.argmax(1) != torch.arange(classes, device=logits.device)).float())
+    enhanced = reading.get("enhance", True)  # without the enhancement there is no attention to describe
+    if enhanced and kept.any():
+        attention = attention_weights(maps.T, similarity, temperature, log_w)[kept]  # kept pixels x N
+        add("spatial_support", torch.special.entr(attention).sum(1).exp())
+        add("spatial_self_weight", attention[:, kept].diagonal())
+        add("spatial_top_weight", attention.max(1).values)
+        add("spatial_same_class_weight", (attention * (argmax[kept, None] == argmax[None, :])).sum(1))
+    if enhanced:
+        probes = maps * keep.flatten() if masked else maps
+        attention = attention_weights(probes, similarity, temperature)  # C x C
+        add("channel_support", torch.special.entr(attention).sum(1).exp())
+        add("channel_self_weight", attention.diagonal())
+        add("channel_attends_elsewhere",
+            (attention.argmax(1) != torch.arange(classes, device=logits.device)).float())
     add("argmax_changed_spatial", (spatial.argmax(1).flatten() != argmax)[kept].float())
     add("argmax_changed_channel", (channel.argmax(1).flatten() != argmax)[kept].float())
 
     size = label.shape[-2:]
     valid = (label[0] != IGNORE_INDEX) & (upsample(keep, size)[0, 0] > 0.5)
-    for name, target in (("t", logits), ("t_sp", spatial)):  # on kept pixels t~ = t
+    for name, target in (("t", logits), ("t_sp", spatial)):  # on kept pixels X = t under both readings
         probabilities = torch.softmax(upsample(target, size)[0], dim=0)
         top, predicted = probabilities.max(0)
         add(f"accuracy_{name}", (predicted == label[0])[valid].float() * 100)
@@ -91,8 +118,8 @@ def target_statistics(logits, label, threshold, gamma, tau_channel):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher-ckpt", required=True, help="a teacher checkpoint written by train.py")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.5, 0.7, 1.0])
-    parser.add_argument("--gamma", type=float, default=1.0, help="soft enhancement weight (default: %(default)s)")
+    parser.add_argument("--readings", nargs="+", choices=READINGS, default=list(READINGS), metavar="NAME",
+                        help="rows of bench/accuracy.py's READINGS (default: all)")
     parser.add_argument("--tau-channel", type=float, default=4.0, help="default: %(default)s")
     parser.add_argument("--max-images", type=int, help="only the first N val images")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -103,27 +130,28 @@ def main(argv=None):
     dataset = dataset_from_checkpoint(checkpoint, "val")
     images = range(min(len(dataset), args.max_images or len(dataset)))
 
-    totals = {threshold: (Counter(), Counter()) for threshold in args.thresholds}
+    totals = {name: (Counter(), Counter()) for name in args.readings}
     with torch.no_grad():
         for index in images:
             image, label = dataset[index]
             logits = teacher(image[None].to(device))["out"].float()
-            for threshold in args.thresholds:
-                sums, counts = target_statistics(logits, label[None].to(device), threshold, args.gamma,
-                                                 args.tau_channel)
-                totals[threshold][0].update(sums)
-                totals[threshold][1].update(counts)
-    rows = [{"threshold": threshold, **{name: sums[name] / counts[name] if counts[name] else None for name in COLUMNS}}
-            for threshold, (sums, counts) in totals.items()]
+            for name in args.readings:
+                sums, counts = target_statistics(logits, label[None].to(device), READINGS[name], args.tau_channel)
+                totals[name][0].update(sums)
+                totals[name][1].update(counts)
+    rows = [{"reading": name, **READINGS[name],
+             **{column: sums[column] / counts[column] if counts[column] else None for column in COLUMNS}}
+            for name, (sums, counts) in totals.items()]
 
-    print(f"{args.teacher_ckpt} on {checkpoint['dataset']} val ({len(images)} images), gamma {args.gamma}")
-    print("| " + " | ".join(("threshold", *COLUMNS)) + " |")
+    print(f"{args.teacher_ckpt} on {checkpoint['dataset']} val ({len(images)} images)")
+    print("| " + " | ".join(("reading", *COLUMNS)) + " |")
     print("|" + " --- |" * (len(COLUMNS) + 1))
     for row in rows:
-        print("| " + " | ".join(["-" if row[k] is None else f"{row[k]:.3f}" for k in ("threshold", *COLUMNS)]) + " |")
+        print("| " + " | ".join([row["reading"], *("-" if row[k] is None else f"{row[k]:.3f}" for k in COLUMNS)])
+              + " |")
     header = {**describe_run("fckd_targets.py", argv, device), "teacher_ckpt": args.teacher_ckpt,
-              "dataset": checkpoint["dataset"], "images": len(images), "gamma": args.gamma}
-    save_results(args.out, f"fckd_targets_{checkpoint['dataset']}_gamma{args.gamma:g}.json", header, rows)
+              "dataset": checkpoint["dataset"], "images": len(images)}
+    save_results(args.out, f"fckd_targets_{checkpoint['dataset']}.json", header, rows)
     return rows
 
 

@@ -20,13 +20,19 @@ from bench.common import describe_run, save_results  # noqa: E402
 
 
 def losses():
-    fckd_loss, fckd_plain = fckd.FCKDLoss(), fckd.FCKDLoss(enhance=False)
-    return {
-        "fckd": lambda s, t: fckd_loss(s, t)["loss"],
-        "fckd (no enhance)": lambda s, t: fckd_plain(s, t)["loss"],
-        "kd": fckd.spatial_kd,
-        "cwd": fckd.channel_kd,
+    """The losses timed: FCKD under each reading of revision 2 (enhanced and not), then KD and CWD."""
+    readings = {
+        "fckd multiply, dot (revision 1)": dict(apply="multiply", similarity="dot"),
+        "fckd multiply, no enhance": dict(apply="multiply", enhance=False),
+        "fckd mask, dot": dict(apply="mask", similarity="dot"),
+        "fckd mask, cosine": dict(apply="mask", similarity="cosine"),
+        "fckd mask, no enhance": dict(apply="mask", enhance=False),
     }
+    timed = {}
+    for name, options in readings.items():
+        fckd_loss = fckd.FCKDLoss(**options)
+        timed[name] = lambda s, t, fckd_loss=fckd_loss: fckd_loss(s, t)["loss"]
+    return {**timed, "kd": fckd.spatial_kd, "cwd": fckd.channel_kd}
 
 
 def measure(loss_fn, student, teacher, iters, warmup):
@@ -75,10 +81,10 @@ def main(argv=None):
 
     header = {**describe_run("loss_speed.py", argv, device), "shape": list(shape), "dtype": args.dtype}
     print(f"{header['device']}, torch {header['torch']}, logits {shape} {args.dtype}")
-    print(f"{'loss':<20}{'fwd+bwd ms':>12}{'peak extra MiB':>16}")
+    print(f"{'loss':<34}{'fwd+bwd ms':>12}{'peak extra MiB':>16}")
     for row in rows:
         peak = "n/a" if row["peak_extra_MiB"] is None else f"{row['peak_extra_MiB']:.1f}"
-        print(f"{row['loss']:<20}{row['ms']:>12.2f}{peak:>16}")
+        print(f"{row['loss']:<34}{row['ms']:>12.2f}{peak:>16}")
     save_results(args.out, f"loss_speed_{device.type}_{args.dtype}.json", header, rows)
     return rows
 

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on a tiny CPU configuration, so they cannot rot."""
 
 import json
+from unittest import mock
 import math
 
 import torch
@@ -12,7 +13,9 @@ from data import build_dataset
 def test_loss_speed_runs_and_writes_json(tmp_path):
     rows = loss_speed.main(["--batch", "2", "--classes", "5", "--size", "6", "10", "--iters", "2",
                             "--warmup", "1", "--device", "cpu", "--out", str(tmp_path)])
-    assert [row["loss"] for row in rows] == ["fckd", "fckd (no enhance)", "kd", "cwd"]
+    assert [row["loss"] for row in rows] == ["fckd multiply, dot (revision 1)", "fckd multiply, no enhance",
+                                             "fckd mask, dot", "fckd mask, cosine", "fckd mask, no enhance",
+                                             "kd", "cwd"]
     assert all(row["ms"] > 0 for row in rows)
     saved = json.loads((tmp_path / "loss_speed_cpu_float32.json").read_text())
     assert saved["shape"] == [2, 5, 6, 10] and saved["rows"] == rows
@@ -66,6 +69,24 @@ def test_accuracy_runs_every_method_and_resumes(tmp_path):
     assert accuracy.main(argv) == rows
 
 
+def test_screen_rows_train_exactly_the_readings_they_name():
+    import inspect
+
+    import train
+    from bench import accuracy
+    from fckd import FCKDLoss
+
+    defaults = {name: p.default for name, p in inspect.signature(FCKDLoss).parameters.items()}
+    for name, reading in accuracy.READINGS.items():
+        args = train.parse_args([*accuracy.SCREEN[name], "--teacher-ckpt", "t.pt"])
+        settings = train.loss_settings(args)
+        assert settings == {**defaults, **reading, **{k: settings[k] for k in ("gamma", "temperature")
+                                                      if not reading.get("enhance", True)}}, name
+        # every choice the screen compares is explicit in the flags, so the rows do not move with the defaults
+        flags = " ".join(accuracy.SCREEN[name])
+        assert all(f"--fckd-{key} " in flags for key in ("apply", "similarity", "threshold")), name
+
+
 def test_data_speed_runs_and_writes_json(tmp_path):
     from bench import data_speed
 
@@ -81,7 +102,8 @@ def test_fckd_target_statistics_on_a_worked_example():
     # pixel a: confident class 0; pixel b: uncertain (Hn = 1), so threshold 0.5 drops it
     logits = torch.tensor([[10.0, 0.0], [0.0, 0.0]]).view(1, 2, 1, 2)
     label = torch.tensor([[[0, 1]]])
-    sums, counts = target_statistics(logits, label, threshold=0.5, gamma=1.0, tau_channel=4.0)
+    revision_1 = dict(apply="multiply", similarity="dot", threshold=0.5, gamma=1.0)
+    sums, counts = target_statistics(logits, label, revision_1, tau_channel=4.0)
     mean = {name: sums[name] / counts[name] for name in sums}
     assert mean["keep"] == 0.5
     # class 0 (present) over the pixels (10/4, 0): the dropped pixel b holds 1 / (1 + e^2.5) of it;
@@ -95,6 +117,26 @@ def test_fckd_target_statistics_on_a_worked_example():
     assert math.isclose(mean["channel_self_weight"], 0.75, rel_tol=1e-5)
     assert math.isclose(mean["channel_support"], 1.5, rel_tol=1e-5)
     assert mean["argmax_changed_spatial"] == 0 and mean["accuracy_t"] == 100 and counts["accuracy_t"] == 1
+    assert mean["spatial_self_weight"] > 0.9999
+
+
+def test_fckd_target_statistics_of_the_mask_and_cosine_reading():
+    from bench.fckd_targets import target_statistics
+
+    logits = torch.tensor([[10.0, 0.0], [0.0, 0.0]]).view(1, 2, 1, 2)  # as above: b is dropped at 0.5
+    label = torch.tensor([[[0, 1]]])
+    reading = dict(apply="mask", similarity="cosine", temperature=0.1, threshold=0.5, gamma=1.0)
+    sums, counts = target_statistics(logits, label, reading, tau_channel=4.0)
+    mean = {name: sums[name] / counts[name] for name in sums}
+    # under mask a dropped pixel is absent from every softmax over pixels: no target mass on it,
+    # and a attends to itself alone
+    assert mean["dropped_mass_present"] == 0 and mean["dropped_mass_absent"] == 0
+    assert mean["spatial_self_weight"] == 1 and mean["spatial_support"] == 1
+    # channel maps probed on the kept pixel only: (10) and (0); cosine scores 1/0.1 and 0, so
+    # channel 0 keeps 1 / (1 + e^-10) on itself and the empty channel 1 spreads evenly
+    self_weight = 1 / (1 + math.exp(-10))
+    assert math.isclose(mean["channel_self_weight"], (self_weight + 0.5) / 2, rel_tol=1e-5)
+    assert mean["argmax_changed_spatial"] == 0 and mean["accuracy_t_sp"] == 100
 
 
 def test_fckd_targets_runs_and_keeps_everything_at_threshold_1(tmp_path):
@@ -105,9 +147,12 @@ def test_fckd_targets_runs_and_keeps_everything_at_threshold_1(tmp_path):
     train.main(["--synthetic-length", "3", "--synthetic-size", "32", "--width", "0.125", "--batch-size", "2",
                 "--iters", "2", "--out", str(tmp_path / "teacher")])
     ckpt = str(tmp_path / "teacher" / "last.pt")
-    rows = fckd_targets.main(["--teacher-ckpt", ckpt, "--thresholds", "0.5", "1.0", "--out", str(tmp_path)])
-    assert [row["threshold"] for row in rows] == [0.5, 1.0]
-    assert rows[1]["keep"] == 1.0 and rows[1]["dropped_mass_present"] == rows[1]["dropped_mass_absent"] == 0.0
+    readings = {"all pixels": dict(apply="multiply", similarity="dot", threshold=1.0, gamma=1.0),
+                "mask": dict(apply="mask", similarity="cosine", temperature=0.1, threshold=0.5, gamma=0.5)}
+    with mock.patch.dict(fckd_targets.READINGS, readings, clear=True):
+        rows = fckd_targets.main(["--teacher-ckpt", ckpt, "--out", str(tmp_path)])
+    assert [row["reading"] for row in rows] == ["all pixels", "mask"]
+    assert rows[0]["keep"] == 1.0 and rows[0]["dropped_mass_present"] == rows[0]["dropped_mass_absent"] == 0.0
     for row in rows:
         shares = [k for k in fckd_targets.COLUMNS if "support" not in k and "accuracy" not in k]
         assert all(0 <= row[k] <= 1 for k in shares if row[k] is not None)
@@ -116,5 +161,5 @@ def test_fckd_targets_runs_and_keeps_everything_at_threshold_1(tmp_path):
     teacher, _ = model_from_checkpoint(ckpt)
     dataset = build_dataset("synthetic", None, "val", False, length=3, image_size=32)
     metrics = segmentation_metrics(evaluate(teacher, dataset, torch.device("cpu")), dataset.class_names)
-    assert math.isclose(rows[1]["accuracy_t"], metrics["aAcc"], abs_tol=1e-3)
-    assert json.loads((tmp_path / "fckd_targets_synthetic_gamma1.json").read_text())["rows"] == rows
+    assert math.isclose(rows[0]["accuracy_t"], metrics["aAcc"], abs_tol=1e-3)
+    assert json.loads((tmp_path / "fckd_targets_synthetic.json").read_text())["rows"] == rows
