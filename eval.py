@@ -17,10 +17,10 @@ import argparse
 import json
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.utils import save_image
 
 from data import DATASET_NAMES, IGNORE_INDEX, MEAN, STD
 from fckd import DEFAULT_THRESHOLD, condensation_matrix, pixel_entropy
@@ -58,22 +58,21 @@ def parse_args(argv=None):
 
 
 def colourise(label, palette):
-    """H x W class ids -> H x W x 3 uint8, IGNORE_COLOUR for 255."""
-    lut = np.zeros((256, 3), np.uint8)
-    lut[:len(palette)] = palette
-    lut[IGNORE_INDEX] = IGNORE_COLOUR
-    return lut[label.cpu().numpy()]
+    """H x W class ids -> 3 x H x W colours in [0, 1] (save_image's range), IGNORE_COLOUR for 255."""
+    lut = torch.zeros(256, 3)
+    lut[:len(palette)] = torch.tensor(palette, dtype=torch.float32) / 255
+    lut[IGNORE_INDEX] = torch.tensor(IGNORE_COLOUR, dtype=torch.float32) / 255
+    return lut[label.cpu()].permute(2, 0, 1)
 
 
 def to_rgb(image):
-    """Normalised 3 x H x W image -> H x W x 3 uint8, undoing data.py's MEAN/STD."""
+    """Normalised 3 x H x W image -> 3 x H x W in [0, 1], undoing data.py's MEAN/STD."""
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
-    rgb = (image.float().cpu() * std + mean).clamp(0, 1) * 255
-    return rgb.round().byte().permute(1, 2, 0).numpy()
+    return (image.float().cpu() * std + mean).clamp(0, 1)
 
 
 def to_grey(values):
-    """1 x 1 x H x W in [0, 1] -> H x W uint8."""
+    """1 x 1 x H x W in [0, 1] -> H x W uint8, for a one-channel PNG (save_image would write three)."""
     return (values[0, 0].float().clamp(0, 1) * 255).round().byte().cpu().numpy()
 
 
@@ -115,7 +114,7 @@ def evaluate_checkpoint(args, device):
             return
         stem = os.path.join(args.save_dir, f"{index:05d}")
         panels = [to_rgb(image[0]), colourise(label[0], dataset.palette), colourise(prediction[0], dataset.palette)]
-        Image.fromarray(np.concatenate(panels, axis=1)).save(stem + ".png")
+        save_image(panels, stem + ".png", nrow=3, padding=0)  # side by side
         if teacher is not None:
             with torch.no_grad(), autocast(device, amp):
                 logits = teacher(image)["out"].float()

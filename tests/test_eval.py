@@ -136,3 +136,13 @@ def test_clear_errors(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_script.parse_args(["--ckpt", "x.pt", "--teacher-ckpt", "t.pt"])
     assert "pass --save-dir too" in capsys.readouterr().err
+
+
+def test_pictures_keep_every_palette_colour_exactly(tmp_path):
+    """colourise gives save_image colours in [0, 1]; every byte value comes back as it was, and
+    the ignore label (255) is white."""
+    palette = [(i, 255 - i, 7 * i % 256) for i in range(255)]
+    label = torch.arange(256).view(16, 16)
+    evaluate_script.save_image([evaluate_script.colourise(label, palette)], tmp_path / "label.png", padding=0)
+    expected = np.array(palette + [evaluate_script.IGNORE_COLOUR], dtype=np.uint8)[label.numpy()]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "label.png")), expected)
