@@ -40,7 +40,8 @@ arithmetic runs in float32, whatever dtype arrives and whether or not autocast i
        L_sp = tau_s^2 sum_{b,i} w_bi KL_bi / sum_{b,i} w_bi      (multiply: the mean over B H W)
        L_ch = tau_c^2 / (C * images that keep a pixel) sum_{b,c} KL(P_bc || Q_bc)   (multiply: / (B C))
        L_FCKD = lambda_s L_sp + lambda_c L_ch        defaults tau_s=1, lambda_s=1, tau_c=4, lambda_c=3
-   An image (or a batch) in which M keeps no pixel adds 0 and sends no gradient.
+   An image (or a batch) in which M keeps no pixel adds 0 and sends no gradient. A teacher pixel
+   with a non-finite logit is dropped (M = 0) in every mode.
 
 Special cases: with condense="none", enhance=False, L_sp is pixel-wise KD (Hinton, per pixel)
 and L_ch is channel-wise distillation (CWD, Shu et al., ICCV 2021); spatial_kd and channel_kd
@@ -65,9 +66,11 @@ DEFAULT_GAMMA = 1.0
 
 
 def _check_4d(x, name):
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.numel() == 0:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a 4-D tensor B x C x H x W, got {shape}")
+        raise ValueError(f"{name} must be a non-empty 4-D tensor B x C x H x W, got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be floating-point logits, got dtype {x.dtype}")
 
 
 def _check_choice(value, choices, name):
@@ -184,20 +187,29 @@ def pixel_entropy(logits):
     return (entropy / math.log(num_classes)).clamp_(0.0, 1.0)
 
 
+def _finite_pixels(logits):
+    """B x 1 x H x W: True where every class logit of the pixel is finite."""
+    return torch.isfinite(logits).all(1, keepdim=True)
+
+
 def condensation_matrix(teacher_logits, mode="hard", threshold=DEFAULT_THRESHOLD):
     """Feature condensation matrix M (B x 1 x H x W, no gradient) from the teacher's entropy Hn.
 
     hard: M = 1 where Hn <= threshold, else 0.   soft: M = 1 - Hn.   none: M = 1.
+    A pixel with a non-finite teacher logit has no usable knowledge: M = 0 there in every mode.
     """
     _check_choice(mode, CONDENSE_MODES, "condensation mode")
     _check_threshold(threshold)
     with torch.no_grad():
-        entropy = pixel_entropy(teacher_logits.detach())
+        finite = _finite_pixels(teacher_logits.detach())
+        entropy = pixel_entropy(torch.where(finite, teacher_logits.detach(), 0.0))
         if mode == "hard":
-            return (entropy <= threshold).float()
-        if mode == "soft":
-            return 1.0 - entropy
-        return torch.ones_like(entropy)
+            matrix = (entropy <= threshold).float()
+        elif mode == "soft":
+            matrix = 1.0 - entropy
+        else:
+            matrix = torch.ones_like(entropy)
+        return matrix * finite
 
 
 def _spatial_attention(x, similarity, temperature, weights):
@@ -309,6 +321,8 @@ class FCKDLoss(torch.nn.Module):
         student, teacher = _prepare(student_logits, teacher_logits)
         with _float32_only(student):
             keep = condensation_matrix(teacher, self.condense, self.threshold)
+            # dropped by M already; zeroed so that no NaN or inf reaches the attention or a product with 0
+            teacher = torch.where(_finite_pixels(teacher), teacher, 0.0)
             if self.apply == "mask":
                 weights = keep
             else:

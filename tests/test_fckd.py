@@ -343,6 +343,27 @@ def test_teacher_gets_no_gradient():
     assert t.grad is None and s.grad is not None
 
 
+@pytest.mark.parametrize("apply", ["multiply", "mask"])
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+@pytest.mark.parametrize("condense", ["hard", "soft", "none"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_teacher_pixel_is_dropped_not_spread(apply, similarity, condense, bad):
+    t = logits(2, 5, 4, 6, scale=4.0, seed=44)
+    s = logits(2, 5, 4, 6, seed=45).requires_grad_()
+    broken = t.clone()
+    broken[1, 2, 3, 4] = bad
+    options = dict(condense=condense, threshold=0.9, apply=apply, similarity=similarity)
+    out = fckd.FCKDLoss(**options)(s, broken)
+    out["loss"].backward()
+    assert all(torch.isfinite(v) for v in out.values()) and torch.isfinite(s.grad).all()
+    matrix = fckd.condensation_matrix(broken, condense, 0.9)
+    assert matrix[1, 0, 3, 4] == 0 and torch.isfinite(matrix).all()
+    assert s.grad[1, :, 3, 4].abs().max() == 0  # the broken pixel teaches nothing
+    others = torch.ones_like(matrix, dtype=torch.bool)
+    others[1, 0, 3, 4] = False
+    assert torch.equal(matrix[others], fckd.condensation_matrix(t, condense, 0.9)[others])  # nothing else moves
+
+
 # ----------------------------------------------------------------------------- precision
 
 @pytest.mark.parametrize("apply, similarity", [("multiply", "dot"), ("mask", "cosine")])
@@ -395,6 +416,12 @@ def test_extreme_logits_stay_finite(apply, similarity, condense):
     (lambda: fckd.spatial_kd(torch.zeros(2, 5, 4, 4), torch.zeros(2, 5, 4)), r"teacher_logits.*4-D.*\(2, 5, 4\)"),
     (lambda: fckd.channel_kd(torch.zeros(2, 5, 4, 4), torch.zeros(2, 4, 4, 4)), r"B x C"),
     (lambda: fckd.pixel_entropy(torch.zeros(2, 5)), r"4-D"),
+    (lambda: fckd.FCKDLoss()(torch.zeros(0, 5, 4, 4), torch.zeros(0, 5, 4, 4)), r"non-empty.*\(0, 5, 4, 4\)"),
+    (lambda: fckd.FCKDLoss()(torch.zeros(2, 5, 4, 4), torch.zeros(2, 5, 0, 4)), r"non-empty.*\(2, 5, 0, 4\)"),
+    (lambda: fckd.FCKDLoss()(torch.zeros(2, 5, 4, 4, dtype=torch.long), torch.zeros(2, 5, 4, 4)),
+     r"student_logits.*floating-point.*int64"),
+    (lambda: fckd.spatial_kd(torch.zeros(2, 5, 4, 4), torch.zeros(2, 5, 4, 4, dtype=torch.bool)),
+     r"teacher_logits.*floating-point.*bool"),
     (lambda: fckd.pixel_entropy(torch.zeros(2, 1, 3, 3)), r"at least 2 classes"),
     (lambda: fckd.condensation_matrix(torch.zeros(1, 3, 2, 2), threshold=1.5), r"threshold.*\[0, 1\].*1.5"),
     (lambda: fckd.condensation_matrix(torch.zeros(1, 3, 2, 2), threshold=-0.1), r"threshold"),
@@ -412,6 +439,8 @@ def test_extreme_logits_stay_finite(apply, similarity, condense):
     (lambda: fckd.FCKDLoss(temperature=-0.1), r"temperature.*-0.1"),
     (lambda: fckd.FCKDLoss(temperature=float("nan")), r"temperature.*nan"),
     (lambda: fckd.FCKDLoss(gamma=float("inf")), r"gamma.*inf"),
+    (lambda: fckd.FCKDLoss(tau_channel=float("inf")), r"tau_channel.*inf"),
+    (lambda: fckd.FCKDLoss(lambda_spatial=float("inf")), r"lambda_spatial.*inf"),
     (lambda: fckd.FCKDLoss(threshold=2.0), r"threshold"),
     (lambda: fckd.FCKDLoss(gamma=-0.5), r"gamma"),
     (lambda: fckd.FCKDLoss(tau_spatial=-1.0), r"tau_spatial"),
