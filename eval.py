@@ -25,9 +25,11 @@ from torchvision.utils import save_image
 from data import DATASET_NAMES, IGNORE_INDEX, MEAN, STD
 from fckd import DEFAULT_THRESHOLD, condensation_matrix, pixel_entropy
 from utils import (autocast, dataset_from_checkpoint, evaluate, format_metrics, is_main, model_from_checkpoint,
-                   resolve_amp, run_cli, segmentation_metrics, setup_distributed, teardown_distributed, upsample)
+                   resolve_amp, run_cli, segmentation_metrics, setup_distributed, teardown_distributed, upsample,
+                   writable_file, writable_folder)
 
 IGNORE_COLOUR = (255, 255, 255)  # white: several palettes use black for a real class
+SCALES = (0.25, 4.0)  # beyond these an image is a few logits wide, or 16 times the pixels of the original
 
 
 def parse_args(argv=None):
@@ -37,8 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--data-root", help="default: the checkpoint's, when the dataset is the checkpoint's")
     p.add_argument("--split", default="val", help="val (default), or test for camvid")
     p.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="image scales to average over (default: 1.0)")
-    p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), help="sliding-window size (default: whole image)")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                   help=f"image scales to average over, each in [{SCALES[0]}, {SCALES[1]}] (default: 1.0)")
+    p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"),
+                   help="sliding-window size, at least the model's output stride (default: whole image)")
     p.add_argument("--amp", choices=("bf16", "fp16", "off"), help="autocast dtype (default: bf16 on CUDA, off on CPU)")
     p.add_argument("--workers", type=int, help="data loading processes per rank (default: the training run's)")
     p.add_argument("--json", help="write aAcc, mAcc, mIoU (percent) and per_class to this file")
@@ -48,10 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--fckd-threshold", type=float, help="entropy threshold of the pictured condensation matrix "
                    f"(default: the student's --fckd-threshold if it was trained with one, else {DEFAULT_THRESHOLD})")
     args = p.parse_args(argv)
-    if any(s <= 0 for s in args.scales):
-        p.error(f"--scales must be positive, got {args.scales}")
+    if not all(SCALES[0] <= s <= SCALES[1] for s in args.scales):  # NaN fails too
+        p.error(f"--scales must each be in [{SCALES[0]}, {SCALES[1]}], got {' '.join(map(str, args.scales))}")
     if args.window and min(args.window) < 1:
         p.error(f"--window must be positive, got {args.window}")
+    if args.workers is not None and args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
     if args.teacher_ckpt and not args.save_dir:
         p.error("--teacher-ckpt is only used for the pictures: pass --save-dir too")
     return args
@@ -86,8 +92,17 @@ def main(argv=None):
 
 
 def evaluate_checkpoint(args, device):
+    # where the results go is checked before anything is loaded or evaluated
+    if args.json and is_main():
+        writable_file(args.json, "--json")
+    if args.save_dir:
+        writable_folder(args.save_dir, "--save-dir")
     model, checkpoint = model_from_checkpoint(args.ckpt)
     trained = checkpoint["args"]
+    stride = checkpoint["model_options"].get("output_stride", 8)
+    if args.window and min(args.window) < stride:  # each window would give a single logit, for minutes
+        raise ValueError(f"--window {args.window[0]} {args.window[1]} is smaller than the output stride {stride} "
+                         f"of {args.ckpt}: pass a window of at least {stride} x {stride}, or none (whole images)")
     dataset_name = args.dataset or checkpoint["dataset"]
     dataset = dataset_from_checkpoint(checkpoint, args.split, dataset_name, args.data_root)
     if dataset.num_classes != checkpoint["num_classes"]:
@@ -124,11 +139,12 @@ def evaluate_checkpoint(args, device):
             Image.fromarray(to_grey(entropy)).save(stem + "_entropy.png")
             Image.fromarray(to_grey(keep)).save(stem + "_condensation.png")
 
-    if args.save_dir:
-        os.makedirs(args.save_dir, exist_ok=True)
     window = tuple(args.window) if args.window else None
-    confusion = evaluate(model, dataset, device, amp, tuple(args.scales), args.flip, window, workers,
-                         on_image=save_pictures if args.save_dir else None)
+    try:
+        confusion = evaluate(model, dataset, device, amp, tuple(args.scales), args.flip, window, workers,
+                             on_image=save_pictures if args.save_dir else None, progress=True)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{args.ckpt} cannot be scored: {e} of the {dataset_name} {args.split} split") from e
     metrics = segmentation_metrics(confusion, dataset.class_names)
     if is_main():
         print(f"{args.ckpt} on {dataset_name} {args.split} ({len(dataset)} images; scales {args.scales}"

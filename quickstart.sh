@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 out=runs/quickstart
-python train.py --model deeplabv3_resnet18 --width 0.5 --out "$out/teacher" "$@"
-python train.py --teacher-ckpt "$out/teacher/best.pt" --kd fckd --out "$out/student_fckd" "$@"
+python train.py --model deeplabv3_resnet18 --width 0.5 --out "$out/teacher" --resume auto "$@"
+python train.py --teacher-ckpt "$out/teacher/best.pt" --kd fckd --out "$out/student_fckd" --resume auto "$@"
 python eval.py --ckpt "$out/teacher/best.pt"
 python eval.py --ckpt "$out/student_fckd/best.pt" --teacher-ckpt "$out/teacher/best.pt" --save-dir "$out/pictures"

@@ -13,14 +13,21 @@ the nets' own resolution (FCKDLoss, spatial_kd or channel_kd from fckd.py). The 
 frozen, in eval mode, runs under no_grad and is never wrapped in DDP.
 
 Launched by torchrun this is DDP (NCCL on GPUs, gloo on CPUs; --batch-size is global). OUT/last.pt
-is written every --save-every iterations and at each validation; `--resume auto` continues from
-it exactly: same weights, optimiser, LR, RNG states and position in the epoch's shuffled order.
+is written every --save-every iterations, before each validation and on SIGINT/SIGTERM; `--resume
+auto` continues from it exactly: same weights, optimiser, LR, RNG states and position in the
+epoch's shuffled order. A fresh run refuses a folder that holds a run (--overwrite allows it), and
+a run holds OUT's lock while it trains.
 """
 
 import argparse
+import contextlib
+import fcntl
 import json
+import math
 import os
 import random
+import signal
+import threading
 import time
 
 import numpy as np
@@ -28,16 +35,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from data import DATASET_NAMES, IGNORE_INDEX, build_dataset
 from fckd import (APPLY_MODES, CONDENSE_MODES, DEFAULT_APPLY, DEFAULT_GAMMA, DEFAULT_SIMILARITY, DEFAULT_TEMPERATURE,
                   DEFAULT_THRESHOLD, SIMILARITIES, FCKDLoss, channel_kd, spatial_kd)
 from models import MODEL_NAMES, build_model
-from utils import (all_reduce, autocast, evaluate, is_main, load_checkpoint, load_state, model_from_checkpoint,
-                   metrics_line, resolve_amp, run_cli, save_checkpoint, segmentation_metrics, setup_distributed,
-                   synthetic_options, teardown_distributed, upsample)
+from utils import (Interrupted, all_reduce, atomic_write, autocast, evaluate, is_main, listing, load_checkpoint,
+                   load_state, metrics_line, model_from_checkpoint, non_finite_tensors, quiet_on_stop_signals,
+                   remove_temporaries, resolve_amp, run_cli, save_checkpoint, segmentation_metrics, setup_distributed,
+                   synthetic_options, teardown_distributed, upsample, writable_folder)
 
 # Per-dataset defaults for every flag left unset. The real sets follow the CIRKD protocol (SGD,
 # lr 0.02 at global batch 16, poly 0.9, 40k iterations); the lr is not rescaled with --batch-size.
@@ -56,6 +64,30 @@ DATASET_DEFAULTS = {
 MOMENTUM = 0.9
 POLY_POWER = 0.9
 AUX_WEIGHT = 0.4
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl")  # a folder with any of them holds a run
+LOCK_FILE = ".lock"
+MIN_CROP = 32  # pixels a side: at output stride 16 still 2 x 2 logits, which BatchNorm needs at batch 1
+WIDTHS = (1 / 16, 4.0)  # below 1/16 the nets have layers of a single channel
+
+# (flag, rule, test) for the numbers parse_args checks; NaN fails every test
+NUMBER_RULES = (
+    ("lr", "a finite number > 0", lambda x: math.isfinite(x) and x > 0),
+    ("weight_decay", "a finite number >= 0", lambda x: math.isfinite(x) and x >= 0),
+    ("tau_spatial", "a finite number > 0", lambda x: math.isfinite(x) and x > 0),
+    ("tau_channel", "a finite number > 0", lambda x: math.isfinite(x) and x > 0),
+    ("lambda_spatial", "a finite number >= 0", lambda x: math.isfinite(x) and x >= 0),
+    ("lambda_channel", "a finite number >= 0", lambda x: math.isfinite(x) and x >= 0),
+    ("fckd_threshold", "in [0, 1]", lambda x: 0 <= x <= 1),
+    ("fckd_gamma", "a finite number >= 0", lambda x: math.isfinite(x) and x >= 0),
+    ("fckd_temperature", "a finite number > 0", lambda x: math.isfinite(x) and x > 0),
+    ("width", f"in [{WIDTHS[0]}, {WIDTHS[1]}]", lambda x: WIDTHS[0] <= x <= WIDTHS[1]),
+    ("iters", ">= 1", lambda x: x >= 1),
+    ("batch_size", ">= 1", lambda x: x >= 1),
+    ("val_every", ">= 1", lambda x: x >= 1),
+    ("save_every", ">= 1", lambda x: x >= 1),
+    ("log_every", ">= 1", lambda x: x >= 1),
+    ("workers", ">= 0", lambda x: x >= 0),
+)
 
 
 def parse_args(argv=None):
@@ -99,8 +131,10 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-4, help="default: %(default)s")
     p.add_argument("--amp", choices=("bf16", "fp16", "off"), help="autocast dtype (default: bf16 on CUDA, off on CPU)")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    p.add_argument("--out", help="output folder (default: runs/DATASET_MODEL[_KD])")
+    p.add_argument("--out", help="output folder (default: runs/DATASET_MODEL[_KD]_sSEED)")
     p.add_argument("--resume", metavar="{PATH,auto}", help="continue from a checkpoint; auto: OUT/last.pt if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds a run, deleting its last.pt, best.pt and log.jsonl")
     p.add_argument("--val-every", type=int, help=f"validate every N iterations (and at the end); {per_dataset}")
     p.add_argument("--save-every", type=int, help=f"write OUT/last.pt every N iterations; {per_dataset}")
     p.add_argument("--log-every", type=int, default=20,
@@ -119,17 +153,22 @@ def parse_args(argv=None):
         p.error(f"--crop-size takes H or H W, got {len(args.crop_size)} numbers")
     if args.crop_size is not None and len(args.crop_size) == 1:
         args.crop_size = args.crop_size * 2  # H -> H x H
+    if args.crop_size is not None and min(args.crop_size) < MIN_CROP:
+        p.error(f"--crop-size must be at least {MIN_CROP} pixels a side, got {' '.join(map(str, args.crop_size))}")
     if args.kd and not args.teacher_ckpt:
         p.error(f"--kd {args.kd} needs a teacher: pass --teacher-ckpt PATH")
     if args.teacher and not args.teacher_ckpt:
         p.error("--teacher names the architecture of --teacher-ckpt; pass the checkpoint too")
     if args.teacher_ckpt and not args.kd:
         args.kd = "fckd"
-    for key in ("iters", "batch_size", "val_every", "save_every", "log_every"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    if args.out is None:
-        args.out = os.path.join("runs", f"{args.dataset}_{args.model}" + (f"_{args.kd}" if args.kd else ""))
+    if args.overwrite and args.resume:
+        p.error("--overwrite starts afresh, --resume continues: pass one of them")
+    for key, rule, test in NUMBER_RULES:
+        if not test(getattr(args, key)):
+            p.error(f"--{key.replace('_', '-')} must be {rule}, got {getattr(args, key)}")
+    if args.out is None:  # one folder per seed, so that runs over seeds never share one
+        args.out = os.path.join("runs", f"{args.dataset}_{args.model}" + (f"_{args.kd}" if args.kd else "")
+                                + f"_s{args.seed}")
     return args
 
 
@@ -235,16 +274,26 @@ def distillation(kd, settings):
     return distill
 
 
+def labelled_cross_entropy(logits, labels):
+    """Cross-entropy averaged over the labelled pixels (label 255 ignored); 0, with a zero gradient,
+    when no pixel is labelled (an all-void frame), where F.cross_entropy's mean is 0 / 0 = NaN.
+    Otherwise bit for bit F.cross_entropy's mean: the same sum divided by the same count."""
+    labelled = (labels != IGNORE_INDEX).sum()
+    total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / labelled.clamp(min=1)
+
+
 def train_losses(model, images, labels, teacher=None, distill=None):
     """{"loss": total, "ce", "aux"[, "kd", diagnostics]} for one batch, all scalar tensors.
 
-    loss = CE(up(out), y) + 0.4 CE(up(aux), y) [+ kd(out, teacher out)], CE ignoring label 255.
+    loss = CE(up(out), y) + 0.4 CE(up(aux), y) [+ kd(out, teacher out)], CE over the labelled
+    pixels (labelled_cross_entropy: 0 for a batch without any).
     """
     out = model(images)
     size = labels.shape[-2:]
     losses = {
-        "ce": F.cross_entropy(upsample(out["out"], size), labels, ignore_index=IGNORE_INDEX),
-        "aux": AUX_WEIGHT * F.cross_entropy(upsample(out["aux"], size), labels, ignore_index=IGNORE_INDEX),
+        "ce": labelled_cross_entropy(upsample(out["out"], size), labels),
+        "aux": AUX_WEIGHT * labelled_cross_entropy(upsample(out["aux"], size), labels),
     }
     if teacher is not None:
         # no_grad, not inference_mode: inference tensors could not be saved for the student's backward
@@ -293,18 +342,211 @@ def all_rng_states(world_size):
 
 
 # -----------------------------------------------------------------------------
+# the output folder: one run at a time, never overwritten by accident
+
+
+@contextlib.contextmanager
+def claimed_out_folder(args):
+    """Hold OUT's lock for the duration: create OUT, lock OUT/.lock (flock, released by the kernel
+    whatever way the process ends), refuse a fresh run where a run is, remove what killed runs left.
+
+    ValueError when OUT cannot be written, when another run holds the lock, or when OUT holds a run
+    (RUN_FILES) and neither --resume nor --overwrite says what to do with it.
+    """
+    writable_folder(args.out, "--out")
+    with open(os.path.join(args.out, LOCK_FILE), "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            raise ValueError(f"{args.out} is in use by another train.py run{f' (pid {holder})' if holder else ''}; "
+                             "wait for it to end or choose another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")  # names the holder in the error above
+        lock.flush()
+        held = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
+        if held and not args.resume and not args.overwrite:
+            raise ValueError(f"{args.out} already holds a run ({', '.join(held)}); continue it with --resume auto, "
+                             "start it afresh with --overwrite, or choose another --out")
+        if args.overwrite:
+            for name in held:
+                os.remove(os.path.join(args.out, name))
+        remove_temporaries(args.out)
+        yield
+
+
+def cut_log(log_path, iteration, val_pending):
+    """Cut log.jsonl back to the records up to `iteration`, the checkpoint a run resumes from
+    (0: a fresh run, an empty log). Records written after that checkpoint, by a run that was killed,
+    are written again by the resumed one; a half-written last line goes too. Atomic."""
+    kept = []
+    if os.path.exists(log_path):
+        with open(log_path, "rb") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    at = record["iter"]
+                except (ValueError, TypeError, KeyError):
+                    continue
+                # a validation still pending at the checkpoint is done, and logged, again
+                if at < iteration or (at == iteration and not (val_pending and "val" in record)):
+                    kept.append(line if line.endswith(b"\n") else line + b"\n")
+    atomic_write(log_path, lambda f: f.writelines(kept))
+
+
+# -----------------------------------------------------------------------------
+# stopping on SIGINT and SIGTERM, after the current step
+
+
+class StopRequest:
+    """While active, SIGINT and SIGTERM only record the signal (`signum`): the loop stops after
+    the current step, saves last.pt and raises Interrupted. A signal that comes while the process
+    waits for its next batch (`fetching`) abandons the wait. A second signal stops at once (the
+    signal's default action; temporaries are removed at the next start)."""
+
+    def __init__(self):
+        self.signum, self.previous, self.fetching = 0, {}, False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        if self.signum:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+        if self.fetching:
+            raise FetchAbandoned
+
+
+class FetchAbandoned(Exception):
+    """Raised by StopRequest into a wait for the next batch."""
+
+
+def next_batch(data, stop, world_size):
+    """The next training batch, or None when a stop signal comes first: the run then stops
+    before this step, at once, also when the signal has ended the data workers it waits for (a
+    scheduler may signal every process). Under DDP the ranks must agree on the last step, so
+    there the batch is always fetched and the ranks stop together after it (agreed_stop)."""
+    if world_size > 1:
+        return next(data)
+    if stop.signum:  # came during the last step's validation or save
+        return None
+    try:
+        stop.fetching = True  # inside the try: from here on a signal abandons the wait
+        batch = next(data)
+        stop.fetching = False
+        return batch
+    except FetchAbandoned:
+        return None
+    finally:
+        stop.fetching = False
+
+
+def agreed_stop(stop, world_size, group):
+    """The signal that ends training after this step (0: go on). Under DDP every rank must stop
+    at the same step, so the ranks agree every step, over gloo on the CPU: no wait for the GPU."""
+    if world_size == 1:
+        return stop.signum
+    flag = torch.tensor(stop.signum)
+    dist.all_reduce(flag, dist.ReduceOp.MAX, group=group)
+    return int(flag)
+
+
+# -----------------------------------------------------------------------------
+# checks that save a run from bad data and bad numbers
+
+
+def decode_split(dataset, workers, rank, world_size, name):
+    """Read every item of `dataset` (this rank a share) so that a bad file stops the run before
+    training, not at the first validation thousands of iterations later (data.py's errors name it)."""
+    share = Subset(dataset, range(rank, len(dataset), world_size))
+    loader = DataLoader(share, batch_size=None, num_workers=workers, worker_init_fn=quiet_on_stop_signals)
+    for _ in tqdm(loader, desc=f"checking the {name} images", leave=False, disable=not is_main(),
+                  dynamic_ncols=True):
+        pass
+
+
+def last_good(last_path, saved_iteration):
+    """What the error of a stopped run says about last.pt."""
+    if saved_iteration is None:
+        return "no checkpoint was written"
+    return f"{last_path} holds iteration {saved_iteration}"
+
+
+def check_finite_model(model, iteration, last_path, saved_iteration):
+    """FloatingPointError naming the tensors if a parameter or buffer holds NaN or inf, so that a
+    checkpoint is only ever a good state: BatchNorm statistics can overflow while the loss stays
+    finite. Called before each save: one fused check and one host sync there, none in between."""
+    bad = non_finite_tensors(model.state_dict())
+    if all_reduce(torch.tensor(len(bad), device=next(model.parameters()).device)).item():
+        where = f"{len(bad)} tensors of the model ({listing(bad)})" if bad else "the model on another rank"
+        raise FloatingPointError(f"iteration {iteration} left NaN or inf in {where}; training stopped "
+                                 f"({last_good(last_path, saved_iteration)}, the last good state)")
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and validation
+
+
+def checkpoint_state(args, model, optimizer, scaler, world_size, num_classes, model_options, **progress):
+    """What last.pt and best.pt hold. progress: iteration, best_miou, best_iteration,
+    unlabelled_batches, val_pending (saved before its validation, which a resume then does first)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "args": vars(args), "rng": all_rng_states(world_size), "num_classes": num_classes,
+            "dataset": args.dataset, "model_name": args.model, "model_options": model_options, **progress}
+
+
+def validate_and_save(model, val_set, device, amp, world_size, state, out, log, bar):
+    """Validate the weights saved in `state` (last.pt, val_pending), record the result, write
+    best.pt if the mIoU improved and last.pt again with the validation done. Returns the mIoU."""
+    if world_size > 1:  # evaluate the weights and BN statistics that rank 0 saves
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+    try:
+        confusion = evaluate(model, val_set, device, amp)
+    except FloatingPointError as e:  # finite weights whose logits overflow
+        raise FloatingPointError(f"validation at iteration {state['iteration']}: {e} val images; training "
+                                 f"stopped ({os.path.join(out, 'last.pt')} holds these weights)") from e
+    metrics = segmentation_metrics(confusion, val_set.class_names)
+    miou = metrics["mIoU"]
+    improved = miou is not None and (state["best_miou"] is None or miou > state["best_miou"])
+    if improved:
+        state["best_miou"], state["best_iteration"] = miou, state["iteration"]
+    state["val_pending"] = False
+    log({"iter": state["iteration"], "val": {k: metrics[k] for k in ("aAcc", "mAcc", "mIoU")}})
+    if is_main():  # tqdm.write prints even where the bar is disabled
+        best = "-" if state["best_miou"] is None else f"{state['best_miou']:.2f} (iteration {state['best_iteration']})"
+        bar.write(f"iteration {state['iteration']}: {metrics_line(metrics)}; best mIoU {best}")
+        if improved:
+            save_checkpoint(state, os.path.join(out, "best.pt"))
+        save_checkpoint(state, os.path.join(out, "last.pt"))
+    return miou
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = setup_distributed()
     try:
-        train(args, rank, world_size, device)
+        with claimed_out_folder(args) if rank == 0 else contextlib.nullcontext(), StopRequest() as stop:
+            train(args, rank, world_size, device, stop)
     finally:
         teardown_distributed()
 
 
-def train(args, rank, world_size, device):
+def train(args, rank, world_size, device, stop):
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
     batch_per_rank = args.batch_size // world_size
@@ -315,9 +557,10 @@ def train(args, rank, world_size, device):
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    os.makedirs(args.out, exist_ok=True)
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
     log_path = os.path.join(args.out, "log.jsonl")
+    # the ranks agree on stopping every step: over gloo, on the CPU, also when NCCL carries the rest
+    stop_group = dist.new_group(backend="gloo") if world_size > 1 and cuda else None
 
     # data
     options = synthetic_options(args.dataset, args.synthetic_length, args.synthetic_size)
@@ -328,10 +571,12 @@ def train(args, rank, world_size, device):
     if batches_per_epoch == 0:
         raise ValueError(f"the {args.dataset} train split has {len(train_set)} images, fewer than the "
                          f"global batch size {args.batch_size}")
+    if args.dataset != "synthetic":  # the synthetic scenes are generated, not read
+        decode_split(val_set, args.workers, rank, world_size, f"{args.dataset} val")
     sampler = ResumableSampler(train_set, world_size, rank, args.seed)
     loader = DataLoader(SeededSamples(train_set, args.seed), batch_size=batch_per_rank, sampler=sampler,
                         num_workers=args.workers, pin_memory=cuda, drop_last=True,
-                        persistent_workers=args.workers > 0,
+                        persistent_workers=args.workers > 0, worker_init_fn=quiet_on_stop_signals,
                         generator=torch.Generator())  # its own generator: iter(loader) leaves the global RNG alone
 
     # teacher: architecture and weights from its checkpoint, frozen
@@ -375,12 +620,14 @@ def train(args, rank, world_size, device):
     model.to(device, memory_format=memory_format)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
-    start, best_miou, best_iteration = 0, None, None
+    start, best_miou, best_iteration, unlabelled_batches, val_pending = 0, None, None, 0, False
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         start, best_miou = checkpoint["iteration"], checkpoint["best_miou"]
         best_iteration = checkpoint.get("best_iteration")
+        unlabelled_batches = checkpoint.get("unlabelled_batches", 0)
+        val_pending = checkpoint.get("val_pending", False)
         set_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
     train_model = model
     if world_size > 1:
@@ -388,8 +635,7 @@ def train(args, rank, world_size, device):
 
     if is_main():
         print(("resuming from " + resume_path + f" at iteration {start}") if checkpoint else f"training {args.out}")
-        if checkpoint is None:
-            open(log_path, "w").close()
+        cut_log(log_path, start, val_pending)
 
     def log(record):
         if is_main():
@@ -402,78 +648,81 @@ def train(args, rank, world_size, device):
     iteration, saved_iteration, last_miou = start, (start if checkpoint else None), None
     sums, steps = {}, 0
     first_nonfinite = torch.tensor(args.iters + 1, device=device)  # the first iteration with a NaN/inf loss
+    unlabelled = torch.tensor(0, device=device)  # batches without a labelled pixel since the last log record
     timer = time.perf_counter()
     with tqdm(total=args.iters, initial=start, disable=not is_main(), dynamic_ncols=True,
               desc=os.path.basename(args.out)) as bar:
+        if val_pending:  # the validation that the interrupted run saved before and did not finish
+            state = checkpoint_state(args, model, optimizer, scaler, world_size, num_classes, model_options,
+                                     iteration=start, best_miou=best_miou, best_iteration=best_iteration,
+                                     unlabelled_batches=unlabelled_batches, val_pending=True)
+            last_miou = validate_and_save(model, val_set, device, amp, world_size, state, args.out, log, bar)
+            best_miou, best_iteration = state["best_miou"], state["best_iteration"]
         while iteration < args.iters:
-            images, labels = next(data)
-            lr = poly_lr(args.lr, iteration, args.iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
-            labels = labels.to(device, non_blocking=True)
-            with autocast(device, amp):
-                losses = train_losses(train_model, images, labels, teacher, distill)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            iteration += 1
-            bar.update(1)
-            first_nonfinite = torch.where(torch.isfinite(losses["loss"]), first_nonfinite,
-                                          first_nonfinite.clamp(max=iteration))
-            for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float()
-            steps += 1
+            batch = next_batch(data, stop, world_size)
+            if batch is not None:  # None: stopped by a signal before this step (no step, no validation)
+                images, labels = batch
+                lr = poly_lr(args.lr, iteration, args.iters)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images = images.to(device, non_blocking=True, memory_format=memory_format)
+                labels = labels.to(device, non_blocking=True)
+                with autocast(device, amp):
+                    losses = train_losses(train_model, images, labels, teacher, distill)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(losses["loss"]).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                iteration += 1
+                bar.update(1)
+                first_nonfinite = torch.where(torch.isfinite(losses["loss"]), first_nonfinite,
+                                              first_nonfinite.clamp(max=iteration))
+                unlabelled += (labels == IGNORE_INDEX).all()
+                for key, value in losses.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach().float()
+                steps += 1
 
-            validate = iteration % args.val_every == 0 or iteration == args.iters
-            save = validate or iteration % args.save_every == 0
-            if save or iteration % args.log_every == 0:
+            signum = agreed_stop(stop, world_size, stop_group)
+            validate = batch is not None and (iteration % args.val_every == 0 or iteration == args.iters)
+            save = validate or iteration % args.save_every == 0 or signum
+            if steps and (save or iteration % args.log_every == 0):
                 # the one host sync of the interval; every save comes after this check
                 if all_reduce(first_nonfinite, dist.ReduceOp.MIN).item() <= args.iters:
-                    kept = (f"{last_path} holds iteration {saved_iteration}" if saved_iteration is not None
-                            else "no checkpoint was written")
                     raise FloatingPointError(f"the loss is not finite at iteration {first_nonfinite.item()}; "
-                                             f"training stopped ({kept}, the last good state)")
+                                             f"training stopped ({last_good(last_path, saved_iteration)}, "
+                                             "the last good state)")
                 means = all_reduce(torch.stack(list(sums.values()))).div_(steps * world_size).tolist()
                 record = {"iter": iteration, "lr": lr, **dict(zip(sums, means)),
                           "img_per_s": steps * args.batch_size / (time.perf_counter() - timer)}
+                empty = all_reduce(unlabelled).item()
+                if empty:  # logged where it happened; such a batch adds 0 to the cross-entropy
+                    record["unlabelled_batches"] = empty
+                    unlabelled_batches += empty
+                    unlabelled.zero_()
                 log(record)
                 bar.set_postfix_str(" ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "iter"))
                 sums, steps = {}, 0
 
-            improved = False
-            if validate:
-                if world_size > 1:  # evaluate the weights and BN statistics that rank 0 saves
-                    for buffer in model.buffers():
-                        dist.broadcast(buffer, 0)
-                metrics = segmentation_metrics(evaluate(model, val_set, device, amp), val_set.class_names)
-                last_miou = metrics["mIoU"]
-                improved = last_miou is not None and (best_miou is None or last_miou > best_miou)
-                if improved:
-                    best_miou, best_iteration = last_miou, iteration
-                log({"iter": iteration, "val": {k: metrics[k] for k in ("aAcc", "mAcc", "mIoU")}})
-                best = "-" if best_miou is None else f"{best_miou:.2f} (iteration {best_iteration})"
-                if is_main():  # tqdm.write prints even where the bar is disabled
-                    bar.write(f"iteration {iteration}: {metrics_line(metrics)}; best mIoU {best}")
-            if save:
-                states = all_rng_states(world_size)
+            if save:  # before the validation: a failure there loses no training
+                check_finite_model(model, iteration, last_path, saved_iteration)
+                state = checkpoint_state(args, model, optimizer, scaler, world_size, num_classes, model_options,
+                                         iteration=iteration, best_miou=best_miou, best_iteration=best_iteration,
+                                         unlabelled_batches=unlabelled_batches, val_pending=validate)
                 if is_main():
-                    state = {
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "iteration": iteration, "args": vars(args), "rng": states,
-                        "best_miou": best_miou, "best_iteration": best_iteration, "num_classes": num_classes,
-                        "dataset": args.dataset, "model_name": args.model, "model_options": model_options,
-                    }
-                    if improved:
-                        save_checkpoint(state, best_path)
                     save_checkpoint(state, last_path)
                 saved_iteration = iteration
+            if signum:
+                raise Interrupted(f"stopped by {signal.Signals(signum).name} after iteration {iteration}; "
+                                  f"{last_path} holds it: continue with --resume auto", signum)
+            if validate:
+                last_miou = validate_and_save(model, val_set, device, amp, world_size, state, args.out, log, bar)
+                best_miou, best_iteration = state["best_miou"], state["best_iteration"]
             if save or iteration % args.log_every == 0:
                 timer = time.perf_counter()  # throughput counts training steps only
     if is_main():
         print(json.dumps({"out": args.out, "iterations": iteration, "best_mIoU": best_miou,
-                          "best_iteration": best_iteration, "last_mIoU": last_miou, "best_checkpoint": best_path}))
+                          "best_iteration": best_iteration, "last_mIoU": last_miou, "best_checkpoint": best_path,
+                          "unlabelled_batches": unlabelled_batches}))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,23 @@
 """
 What train.py and eval.py share: the torchrun process group, the segmentation metrics (one
 confusion matrix, summed over all ranks), whole-image prediction (multi-scale, flip, sliding
-window), checkpoint files (atomic save, checked load) and building a model, and its evaluation data, from a checkpoint.
+window), checkpoint files (atomic save, load checked against the SHA-256 stored in them) and
+building a model, and its evaluation data, from a checkpoint.
 """
 
+import glob
+import hashlib
 import math
 import os
+import signal
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
 from data import IGNORE_INDEX, build_dataset
 from models import build_model
@@ -76,6 +82,51 @@ def synthetic_options(dataset, length=None, image_size=None):
     if dataset != "synthetic":
         return {}
     return {key: value for key, value in (("length", length), ("image_size", image_size)) if value is not None}
+
+
+def exit_worker(signum, frame):
+    sys.exit(0)
+
+
+def quiet_on_stop_signals(worker_id):
+    """DataLoader worker_init_fn for the signals a stop sends to every process of a run (a Ctrl-C
+    reaches the whole process group, a scheduler may SIGTERM every process). SIGINT is left to the
+    main process, which stops after the current step. SIGTERM ends the worker with status 0: a
+    worker killed by a signal makes torch raise in the main process at once, mid-step or mid-save,
+    while one that exits cleanly does not; and multiprocessing's terminate at exit (SIGTERM) must
+    still end it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, exit_worker)
+
+
+# -----------------------------------------------------------------------------
+# output folders and files, checked before any work is spent
+
+
+def writable_folder(path, flag):
+    """Create folder `path` if needed and check that a file can be written in it; ValueError naming
+    `flag` (e.g. "--out") otherwise. (A real write: os.access says yes to root on a read-only mount.)"""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise ValueError(f"{flag} {path} is not a writable folder ({e.strerror or e})") from e
+
+
+def writable_file(path, flag):
+    """ValueError naming `flag` unless `path` can be written: not a folder, in a writable folder that exists."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder, not a file")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path} cannot be written: {folder} "
+                         f"{'is a file' if os.path.exists(folder) else 'does not exist'}")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be written ({e.strerror or e})") from e
 
 
 # -----------------------------------------------------------------------------
@@ -199,16 +250,21 @@ def predict(model, image, scales=(1.0,), flip=False, window=None):
     return total / (len(scales) * (2 if flip else 1))
 
 
-def evaluate(model, dataset, device, amp="off", scales=(1.0,), flip=False, window=None, workers=0, on_image=None):
+def evaluate(model, dataset, device, amp="off", scales=(1.0,), flip=False, window=None, workers=0, on_image=None,
+             progress=False):
     """Confusion matrix of `model` over `dataset` (whole images, one at a time), summed over ranks.
 
     Rank r predicts images r, r + world, r + 2 world, ...: every image exactly once, with no
     padding duplicates (DistributedSampler would repeat images to even out the shards).
     on_image(index, image, label, prediction), if given, sees every image this rank predicts.
+    progress: a progress bar on rank 0 (eval.py; train.py's validation runs under its own bar).
+    FloatingPointError naming the image if the model's logits there are NaN or inf: such weights
+    would otherwise get a score (argmax of NaN is a class like any other).
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     indices = range(rank, len(dataset), world)
     loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=quiet_on_stop_signals,
                         generator=torch.Generator())  # leaves the global RNG, and so training, as it was
     channels_last = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     was_training, benchmark = model.training, torch.backends.cudnn.benchmark
@@ -216,11 +272,17 @@ def evaluate(model, dataset, device, amp="off", scales=(1.0,), flip=False, windo
     torch.backends.cudnn.benchmark = False  # whole images differ in size: autotuning every new shape costs more
     confusion = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.int64, device=device)
     try:
-        for index, (image, label) in zip(indices, loader):
+        progress = tqdm(zip(indices, loader), total=len(indices), desc="evaluating", leave=False,
+                        disable=not (progress and is_main()), dynamic_ncols=True)
+        for index, (image, label) in progress:
             image = image.to(device, non_blocking=True, memory_format=channels_last)
             label = label.to(device, non_blocking=True)
             with autocast(device, amp):
-                prediction = predict(model, image, scales, flip, window).argmax(1)
+                probabilities = predict(model, image, scales, flip, window)
+            # one host sync per image, as confusion_matrix makes anyway
+            if not torch.isfinite(probabilities).all():
+                raise FloatingPointError(f"the logits are NaN or inf on image {index} of {len(dataset)}")
+            prediction = probabilities.argmax(1)
             confusion += confusion_matrix(prediction, label, dataset.num_classes)
             if on_image is not None:
                 on_image(index, image, label, prediction)
@@ -235,21 +297,23 @@ def evaluate(model, dataset, device, amp="off", scales=(1.0,), flip=False, windo
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "iteration", "args", "rng", "best_miou", "num_classes",
                    "dataset", "model_name", "model_options")
+TEMPORARY = ".{name}.tmp{pid}"  # atomic_write's temporary file next to OUT/name
 
 
-def save_checkpoint(checkpoint, path):
-    """torch.save that never leaves a half-written file at `path`.
+def atomic_write(path, write):
+    """write(f) into a binary file that appears at `path` whole or not at all.
 
     The bytes go to a temporary file in the same folder, are flushed to disk, and the file is then
     renamed over `path` (os.replace is atomic on POSIX and Windows). If anything fails the old
-    file is untouched and the temporary one is removed.
+    file is untouched and the temporary one is removed; one left by a kill -9 is removed by
+    remove_temporaries.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    tmp = os.path.join(folder, TEMPORARY.format(name=os.path.basename(path), pid=os.getpid()))
     try:
         with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -265,12 +329,51 @@ def save_checkpoint(checkpoint, path):
             os.close(fd)
 
 
+def remove_temporaries(folder):
+    """Remove the temporary files that atomic_write left in `folder` when its process was killed
+    (call it only while no other process writes there: train.py holds OUT's lock)."""
+    for path in glob.glob(os.path.join(glob.escape(folder), TEMPORARY.format(name="*", pid="*"))):
+        os.remove(path)
+
+
+def payload_sha256(value, digest=None):
+    """SHA-256 (hex) of a checkpoint's contents: every tensor's dtype, shape and bytes, and every
+    other value's type and repr, in order. Computed from the objects, not the file, so the same
+    checkpoint loaded back gives the same digest."""
+    top = digest is None
+    digest = hashlib.sha256() if top else digest
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"tensor {data.dtype} {tuple(value.shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy().data)
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)};".encode())
+        for key, item in value.items():
+            payload_sha256(key, digest)
+            payload_sha256(item, digest)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"sequence {len(value)};".encode())
+        for item in value:
+            payload_sha256(item, digest)
+    else:
+        digest.update(f"{type(value).__name__} {value!r};".encode())
+    return digest.hexdigest() if top else None
+
+
+def save_checkpoint(checkpoint, path):
+    """torch.save of `checkpoint` plus its payload_sha256 under "sha256", written atomically."""
+    payload = {**checkpoint, "sha256": payload_sha256(checkpoint)}
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
 def load_checkpoint(path):
-    """Read a checkpoint written by train.py onto the CPU.
+    """Read a checkpoint written by train.py onto the CPU; returns it without its "sha256".
 
     FileNotFoundError naming the path if it does not exist; ValueError naming the file if it is
-    not a torch file or lacks any of CHECKPOINT_KEYS. Loaded with weights_only=True: a checkpoint
-    is data (tensors, numbers, strings), never code.
+    not a torch file, lacks any of CHECKPOINT_KEYS, or its contents do not match the SHA-256
+    stored in it (damaged bytes: torch.load itself checks none). Checkpoints written before the
+    SHA-256 was stored load unchecked. Loaded with weights_only=True: a checkpoint is data
+    (tensors, numbers, strings), never code.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -281,15 +384,38 @@ def load_checkpoint(path):
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} is not a train.py checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
+    stored = checkpoint.pop("sha256", None)
+    if stored is not None and payload_sha256(checkpoint) != stored:
+        raise ValueError(f"{path} is damaged: its contents do not match the SHA-256 stored in it; "
+                         "use another checkpoint (e.g. best.pt or a copy)")
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
     if missing:
         raise ValueError(f"{path} is not a train.py checkpoint: it lacks {', '.join(missing)}")
     return checkpoint
 
 
+def non_finite_tensors(state):
+    """Names of the floating-point tensors of a state dict that hold NaN or inf. One fused check
+    (the max-abs of every tensor at once, one host sync); the tensors are named only when it fails."""
+    floats = [t for t in state.values() if t.is_floating_point() and t.numel()]
+    if not floats or torch.stack(torch._foreach_norm(floats, ord=math.inf)).isfinite().all():
+        return []
+    return [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def listing(names, shown=3):
+    """'a, b, c, ...' of the first `shown` names."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
 def load_state(model, state, path, what="the model"):
     """model.load_state_dict(state), with a one-line ValueError naming the file and the first
-    missing, unexpected and mis-shaped keys when the weights do not fit."""
+    missing, unexpected and mis-shaped keys when the weights do not fit, or the tensors that hold
+    NaN or inf (a diverged run's weights must not be resumed, distilled from or scored)."""
+    bad = non_finite_tensors(state)
+    if bad:
+        raise ValueError(f"{path} holds NaN or inf in {len(bad)} tensors ({listing(bad)}); "
+                         "use an earlier checkpoint")
     expected = model.state_dict()
     problems = {
         "missing": [key for key in expected if key not in state],
@@ -298,9 +424,8 @@ def load_state(model, state, path, what="the model"):
                        for key, value in state.items() if key in expected and value.shape != expected[key].shape],
     }
     if any(problems.values()):
-        listing = "; ".join(f"{len(keys)} {kind} keys: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-                            for kind, keys in problems.items() if keys)
-        raise ValueError(f"the weights in {path} do not fit {what}: {listing}")
+        found = "; ".join(f"{len(keys)} {kind} keys: {listing(keys)}" for kind, keys in problems.items() if keys)
+        raise ValueError(f"the weights in {path} do not fit {what}: {found}")
     model.load_state_dict(state)
 
 
@@ -333,11 +458,35 @@ def dataset_from_checkpoint(checkpoint, split, name=None, data_root=None):
 # -----------------------------------------------------------------------------
 
 
+class Interrupted(Exception):
+    """Training stopped cleanly on a signal (last.pt saved); run_cli exits with 128 + the signal's
+    number, the shell's code for a process ended by that signal (130 SIGINT, 143 SIGTERM)."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def one_line(error):
+    """The message of `error`. An exception raised in a DataLoader worker comes back as the
+    worker's whole traceback ("Caught ValueError in DataLoader worker process 0. Original
+    Traceback ..."); its last line holds the original message."""
+    message = str(error)
+    if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+        last = message.rstrip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if last.startswith(type(error).__name__ + ":") else last
+    return message
+
+
 def run_cli(main):
     """Run main(); a ValueError, FileNotFoundError or FloatingPointError (bad input, missing file,
-    non-finite loss) becomes one line "error: ..." on stderr and exit status 2."""
+    non-finite loss) becomes one line "error: ..." on stderr and exit status 2, also when a
+    DataLoader worker raised it; Interrupted becomes its one-line message and 128 + the signal."""
     try:
         main()
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)

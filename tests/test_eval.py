@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -146,3 +147,78 @@ def test_pictures_keep_every_palette_colour_exactly(tmp_path):
     evaluate_script.save_image([evaluate_script.colourise(label, palette)], tmp_path / "label.png", padding=0)
     expected = np.array(palette + [evaluate_script.IGNORE_COLOUR], dtype=np.uint8)[label.numpy()]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "label.png")), expected)
+
+
+# -----------------------------------------------------------------------------
+# no silent wrong answer, no work spent before a clear error (issue 15)
+
+
+def test_non_finite_weights_are_refused_naming_the_checkpoint(trained, tmp_path, capsys):
+    """What a diverged run wrote before train.py checked its saves: inf BatchNorm statistics, which
+    eval.py used to score."""
+    checkpoint = load_checkpoint(trained / "last.pt")
+    checkpoint["model"]["backbone.bn1.running_var"][0] = math.inf
+    save_checkpoint(checkpoint, tmp_path / "diverged.pt")
+    err = cli_error(capsys, ["--ckpt", str(tmp_path / "diverged.pt")])
+    assert err == (f"error: {tmp_path / 'diverged.pt'} holds NaN or inf in 1 tensors (backbone.bn1.running_var); "
+                   "use an earlier checkpoint")
+
+
+def test_overflowing_logits_are_refused_naming_the_checkpoint(trained, tmp_path, capsys):
+    checkpoint = load_checkpoint(trained / "last.pt")
+    checkpoint["model"]["classifier.weight"].fill_(3e38)  # finite weights, logits beyond float32
+    save_checkpoint(checkpoint, tmp_path / "overflow.pt")
+    err = cli_error(capsys, ["--ckpt", str(tmp_path / "overflow.pt")])
+    assert err == (f"error: {tmp_path / 'overflow.pt'} cannot be scored: the logits are NaN or inf on image 0 of 7 "
+                   "of the synthetic val split")
+
+
+def test_a_damaged_checkpoint_is_refused(trained, tmp_path, capsys, damage):
+    path = tmp_path / "copy.pt"
+    path.write_bytes((trained / "last.pt").read_bytes())
+    damage(path)
+    assert cli_error(capsys, ["--ckpt", str(path)]) == (
+        f"error: {path} is damaged: its contents do not match the SHA-256 stored in it; "
+        "use another checkpoint (e.g. best.pt or a copy)")
+
+
+@pytest.fixture
+def nothing_evaluated(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("evaluated before the error")
+
+    monkeypatch.setattr(evaluate_script, "evaluate", fail)
+
+
+def test_unwritable_outputs_are_refused_before_evaluating(trained, tmp_path, capsys, nothing_evaluated):
+    ckpt = str(trained / "last.pt")
+    (tmp_path / "file").write_text("")
+    assert cli_error(capsys, ["--ckpt", ckpt, "--json", str(tmp_path / "file" / "m.json")]) == \
+        f"error: --json {tmp_path / 'file' / 'm.json'} cannot be written: {tmp_path / 'file'} is a file"
+    assert cli_error(capsys, ["--ckpt", ckpt, "--json", str(tmp_path / "no" / "m.json")]) == \
+        f"error: --json {tmp_path / 'no' / 'm.json'} cannot be written: {tmp_path / 'no'} does not exist"
+    assert cli_error(capsys, ["--ckpt", ckpt, "--json", str(tmp_path)]) == \
+        f"error: --json {tmp_path} is a folder, not a file"
+    assert cli_error(capsys, ["--ckpt", ckpt, "--save-dir", str(tmp_path / "file" / "p")]) == \
+        f"error: --save-dir {tmp_path / 'file' / 'p'} is not a writable folder (Not a directory)"
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf", "0.001", "1000"])
+def test_scales_outside_a_sane_range_are_refused(capsys, scale):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_script.parse_args(["--ckpt", "x.pt", "--scales", "1.0", scale])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"error: --scales must each be in [0.25, 4.0], got 1.0 {float(scale)}")
+
+
+def test_a_window_below_the_output_stride_is_refused_before_evaluating(trained, capsys, nothing_evaluated):
+    ckpt = trained / "last.pt"
+    assert cli_error(capsys, ["--ckpt", str(ckpt), "--window", "4", "4"]) == (
+        f"error: --window 4 4 is smaller than the output stride 8 of {ckpt}: pass a window of at least 8 x 8, "
+        "or none (whole images)")
+
+
+def test_evaluation_shows_its_progress(trained, capsys):
+    evaluate_script.main(["--ckpt", str(trained / "last.pt")])
+    assert "evaluating" in capsys.readouterr().err  # tqdm's bar, on stderr

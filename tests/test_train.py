@@ -1,18 +1,26 @@
+import fcntl
 import inspect
 import json
+import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import default_collate
 
 import train
 from data import SYNTHETIC_CLASSES, build_dataset
 from fckd import FCKDLoss
 from models import build_model
-from utils import CHECKPOINT_KEYS, load_checkpoint, run_cli, save_checkpoint
+from utils import CHECKPOINT_KEYS, Interrupted, load_checkpoint, run_cli, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = len(SYNTHETIC_CLASSES)
@@ -145,7 +153,7 @@ def test_revision_2_fckd_trains(tmp_path, teacher_ckpt):
 def test_per_dataset_defaults():
     synthetic = train.parse_args([])
     assert (synthetic.model, synthetic.width) == ("deeplabv3_resnet18", 0.125)
-    assert synthetic.out == os.path.join("runs", "synthetic_deeplabv3_resnet18")
+    assert synthetic.out == os.path.join("runs", "synthetic_deeplabv3_resnet18_s0")
     voc = train.parse_args(["--dataset", "voc", "--lr", "0.01"])
     assert (voc.iters, voc.batch_size, voc.lr, voc.crop_size, voc.width) == (40000, 16, 0.01, [512, 512], 1.0)
     assert train.parse_args(["--dataset", "cityscapes"]).crop_size == [512, 1024]
@@ -350,3 +358,298 @@ def test_mobilenet_v2_student_distils_from_an_r18_teacher_with_fckd(tmp_path):
     assert ckpt["iteration"] == 2 and ckpt["model_name"] == "deeplabv3_mobilenet_v2"
     assert ckpt["args"]["kd"] == "fckd"
     assert_finite_losses(tmp_path / "student", ("loss", "ce", "aux", "kd", "keep_ratio"))
+
+
+# -----------------------------------------------------------------------------
+# no run lost, no silent wrong answer (issue 15): each test failed before its fix
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path, capsys):
+    run(tmp_path, "--iters", 1)
+    before = {name: (tmp_path / name).read_bytes() for name in ("last.pt", "best.pt", "log.jsonl")}
+    err = cli_error(capsys, TINY + ["--out", str(tmp_path), "--iters", "1"])
+    assert err == (f"error: {tmp_path} already holds a run (last.pt, best.pt, log.jsonl); continue it with "
+                   "--resume auto, start it afresh with --overwrite, or choose another --out")
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    # --overwrite starts afresh: the old run's files are gone before the new run writes its own
+    (tmp_path / "best.pt").write_bytes(b"the old run's")
+    ckpt = run(tmp_path, "--iters", 2, "--overwrite")
+    assert ckpt["iteration"] == 2 and [r["iter"] for r in read_log(tmp_path) if "loss" in r] == [1, 2]
+    assert load_checkpoint(tmp_path / "best.pt")["iteration"] == 2
+
+
+def test_a_folder_with_other_files_is_not_a_run(tmp_path):
+    (tmp_path / "output.log").write_text("what bench/accuracy.py writes before train.py starts\n")
+    assert run(tmp_path, "--iters", 1)["iteration"] == 1
+
+
+def test_default_out_differs_per_seed():
+    assert train.parse_args(["--seed", "1"]).out != train.parse_args(["--seed", "2"]).out
+    assert train.parse_args(["--teacher-ckpt", "t.pt", "--seed", "3"]).out == os.path.join(
+        "runs", "synthetic_deeplabv3_resnet18_fckd_s3")
+
+
+def test_a_second_run_on_a_locked_folder_fails_at_once(tmp_path, capsys):
+    with open(tmp_path / ".lock", "a+") as lock:  # as the run holding the folder does
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("12345\n")
+        lock.flush()
+        err = cli_error(capsys, TINY + ["--out", str(tmp_path), "--iters", "1", "--resume", "auto"])
+    assert err == (f"error: {tmp_path} is in use by another train.py run (pid 12345); wait for it to end or "
+                   "choose another --out")
+    assert sorted(os.listdir(tmp_path)) == [".lock"]  # nothing trained, nothing written
+
+
+def test_out_that_is_a_file_or_under_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    err = cli_error(capsys, TINY + ["--out", str(tmp_path / "file"), "--iters", "1"])
+    assert err == f"error: --out {tmp_path / 'file'} is a file, not a folder"
+    err = cli_error(capsys, TINY + ["--out", str(tmp_path / "file" / "run"), "--iters", "1"])
+    assert err == f"error: --out {tmp_path / 'file' / 'run'} is not a writable folder (Not a directory)"
+
+
+def test_a_non_finite_buffer_stops_the_run_before_it_is_saved(tmp_path, capsys, monkeypatch):
+    """The loss can stay finite while a BatchNorm statistic is inf (--lr 1e3): last.pt must not take it."""
+    real_losses, calls = train.train_losses, []
+
+    def inf_statistic_in_step_3(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            dict(model.named_buffers())["backbone.bn1.running_var"].fill_(math.inf)
+        return real_losses(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_losses", inf_statistic_in_step_3)
+    err = cli_error(capsys, TINY + ["--out", str(tmp_path), "--iters", "4", "--save-every", "2"])
+    assert err == (f"error: iteration 4 left NaN or inf in 1 tensors of the model (backbone.bn1.running_var); "
+                   f"training stopped ({tmp_path / 'last.pt'} holds iteration 2, the last good state)")
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["iteration"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_cross_entropy_of_a_batch_without_labels_is_zero_with_zero_gradient():
+    logits = torch.randn(2, 8, 5, 6, requires_grad=True)
+    loss = train.labelled_cross_entropy(logits, torch.full((2, 5, 6), 255))
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    # with labelled pixels: bit for bit F.cross_entropy's mean, value and gradient
+    labels = torch.randint(0, 8, (2, 5, 6))
+    labels[0, :2] = 255
+    ours, = torch.autograd.grad(train.labelled_cross_entropy(logits, labels), logits)
+    theirs, = torch.autograd.grad(F.cross_entropy(logits, labels, ignore_index=255), logits)
+    assert torch.equal(train.labelled_cross_entropy(logits, labels), F.cross_entropy(logits, labels, ignore_index=255))
+    assert torch.equal(ours, theirs)
+
+
+def save_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, np.uint8)).save(path)
+
+
+def make_camvid(root, void_stem=None, truncated=None):
+    """A SegNet-layout CamVid: train 0001-0002, val 0003 (40 x 48, labels 0..11 with 11 = void).
+    void_stem: that frame's label is all void; truncated: that frame's image is cut to half its bytes."""
+    rng = np.random.default_rng(0)
+    for split, stems in (("train", ("0001", "0002")), ("val", ("0003",))):
+        for stem in stems:
+            image = root / split / f"{stem}.png"
+            save_png(image, rng.integers(0, 255, (40, 48, 3)))
+            save_png(root / f"{split}annot" / f"{stem}.png",
+                     np.full((40, 48), 11) if stem == void_stem else rng.integers(0, 12, (40, 48)))
+            if stem == truncated:
+                image.write_bytes(image.read_bytes()[:image.stat().st_size // 2])
+    return root
+
+
+def camvid_flags(root, out):
+    return ["--dataset", "camvid", "--data-root", str(root), "--crop-size", "32", "--width", "0.125",
+            "--batch-size", "1", "--workers", "0", "--log-every", "1", "--out", str(out)]
+
+
+def test_an_all_void_frame_adds_zero_cross_entropy_and_is_counted(tmp_path, capsys):
+    root = make_camvid(tmp_path / "camvid", void_stem="0002")
+    train.main(camvid_flags(root, tmp_path / "run") + ["--iters", "4"])  # 2 epochs of the 2 frames
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    steps = [r for r in read_log(tmp_path / "run") if "loss" in r]
+    assert [r["iter"] for r in steps] == [1, 2, 3, 4]
+    void_steps = [r for r in steps if "unlabelled_batches" in r]
+    assert len(void_steps) == 2 and all(r["unlabelled_batches"] == 1 and r["ce"] == r["aux"] == 0 for r in void_steps)
+    assert all(r["ce"] > 0 for r in steps if r not in void_steps)
+    assert summary["unlabelled_batches"] == 2
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["unlabelled_batches"] == 2
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "0", "--lr must be a finite number > 0, got 0.0"),
+    ("--lr", "nan", "--lr must be a finite number > 0, got nan"),
+    ("--weight-decay", "-1", "--weight-decay must be a finite number >= 0, got -1.0"),
+    ("--tau-spatial", "0", "--tau-spatial must be a finite number > 0, got 0.0"),
+    ("--tau-channel", "nan", "--tau-channel must be a finite number > 0, got nan"),
+    ("--lambda-spatial", "-5", "--lambda-spatial must be a finite number >= 0, got -5.0"),
+    ("--lambda-channel", "inf", "--lambda-channel must be a finite number >= 0, got inf"),
+    ("--fckd-threshold", "1.5", "--fckd-threshold must be in [0, 1], got 1.5"),
+    ("--fckd-threshold", "nan", "--fckd-threshold must be in [0, 1], got nan"),
+    ("--fckd-gamma", "inf", "--fckd-gamma must be a finite number >= 0, got inf"),
+    ("--fckd-temperature", "0", "--fckd-temperature must be a finite number > 0, got 0.0"),
+    ("--width", "0.001", "--width must be in [0.0625, 4.0], got 0.001"),
+    ("--workers", "-1", "--workers must be >= 0, got -1"),
+])
+def test_numbers_are_checked_naming_the_flag(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--teacher-ckpt", "t.pt", "--kd", "kd", flag, value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")  # after argparse's prog name
+
+
+def test_crop_size_too_small_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--crop-size", "1"])
+    assert capsys.readouterr().err.splitlines()[-1].endswith("error: --crop-size must be at least 32 pixels a side, "
+                                                             "got 1 1")
+
+
+def test_a_truncated_val_image_stops_the_run_before_training(tmp_path, capsys, monkeypatch):
+    root = make_camvid(tmp_path / "camvid", truncated="0003")
+    steps = []
+    monkeypatch.setattr(train, "train_losses", lambda *args, **kwargs: steps.append(1))
+    err = cli_error(capsys, camvid_flags(root, tmp_path / "run") + ["--iters", "2"])
+    assert err.startswith(f"error: cannot read image {root / 'val' / '0003.png'}: ")
+    assert steps == []
+
+
+def test_the_checkpoint_is_saved_before_validation_and_a_resume_validates_it(tmp_path, capsys, monkeypatch):
+    flags = ["--iters", "2", "--val-every", "2"]
+    real_evaluate = train.evaluate
+
+    def unreadable(*args, **kwargs):
+        raise ValueError("cannot read image val/0003.png: image file is truncated")
+
+    monkeypatch.setattr(train, "evaluate", unreadable)
+    assert cli_error(capsys, TINY + ["--out", str(tmp_path)] + flags).startswith("error: cannot read image")
+    ckpt = load_checkpoint(tmp_path / "last.pt")  # the 2 steps are not lost
+    assert ckpt["iteration"] == 2 and ckpt["val_pending"] and not (tmp_path / "best.pt").exists()
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    ckpt = run(tmp_path, *flags, "--resume", "auto")
+    assert ckpt["iteration"] == 2 and not ckpt["val_pending"] and ckpt["best_iteration"] == 2
+    assert [r["iter"] for r in read_log(tmp_path) if "val" in r] == [2]
+    assert load_checkpoint(tmp_path / "best.pt")["best_miou"] == ckpt["best_miou"]
+
+
+def test_resume_cuts_the_log_back_to_the_checkpoint(tmp_path, monkeypatch):
+    flags = ["--iters", "5", "--save-every", "2"]
+    real_losses, calls = train.train_losses, []
+
+    def killed_in_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # last.pt holds step 2, the log goes to step 3
+        return real_losses(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_losses", killed_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *flags)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"iter": 4, "lr": 0.0')  # a line cut short by kill -9
+    monkeypatch.setattr(train, "train_losses", real_losses)
+    run(tmp_path, *flags, "--resume", "auto")
+    assert [r["iter"] for r in read_log(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5]
+
+
+def test_sigterm_stops_after_the_step_and_the_resumed_run_matches(tmp_path, monkeypatch):
+    """SIGTERM in step 3, a validation step: last.pt holds step 3 with its validation pending, which
+    the resumed run does first; weights, best mIoU and log end as in an uninterrupted run."""
+    flags = ["--iters", "6", "--val-every", "3", "--save-every", "5"]
+    uninterrupted = run(tmp_path / "a", *flags)
+    real_losses, calls = train.train_losses, []
+
+    def sigterm_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_losses(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_losses", sigterm_in_step_3)
+    with pytest.raises(Interrupted) as stopped:
+        run(tmp_path / "b", *flags)
+    assert str(stopped.value) == (f"stopped by SIGTERM after iteration 3; {tmp_path / 'b' / 'last.pt'} holds it: "
+                                  "continue with --resume auto") and stopped.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["iteration"] == 3 and len(calls) == 3
+    monkeypatch.setattr(train, "train_losses", real_losses)
+
+    resumed = run(tmp_path / "b", *flags, "--resume", "auto")
+    assert_same_state(resumed["model"], uninterrupted["model"])
+    assert (resumed["best_miou"], resumed["best_iteration"]) == (uninterrupted["best_miou"],
+                                                                uninterrupted["best_iteration"])
+
+    def without_speed(out):
+        return [{k: v for k, v in r.items() if k != "img_per_s"} for r in read_log(out)]
+
+    assert without_speed(tmp_path / "b") == without_speed(tmp_path / "a")
+
+
+SLOW_DATA_TRAIN = """
+import sys, time
+sys.path.insert(0, {root!r})
+import train, utils
+get = train.SeededSamples.__getitem__
+def slow(self, key):  # the trainer waits for its data worker most of the time, as on a data-bound node
+    time.sleep(0.1)
+    return get(self, key)
+train.SeededSamples.__getitem__ = slow
+utils.run_cli(lambda: train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_saves_and_exits_with_one_line(tmp_path, signum):
+    """As a Ctrl-C or a cluster's preemption sends it: to the trainer and its data worker, while the
+    trainer (usually) waits for that worker's next batch."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".last.pt.tmp999").write_bytes(b"left by a run killed while saving")
+    script = tmp_path / "slow_data_train.py"
+    script.write_text(SLOW_DATA_TRAIN.format(root=ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, str(script), *TINY, "--iters", "100000", "--save-every", "1",
+                                "--workers", "1", "--out", str(out)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(process.pid, signum)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    last_line = stderr.strip().splitlines()[-1]
+    stopped = re.fullmatch(rf"stopped by {signal.Signals(signum).name} after iteration (\d+); "
+                           rf"{re.escape(str(out / 'last.pt'))} holds it: continue with --resume auto", last_line)
+    assert stopped and "Traceback" not in stderr, stderr[-3000:]
+    assert load_checkpoint(out / "last.pt")["iteration"] == int(stopped.group(1))
+    assert sorted(os.listdir(out)) == [".lock", "last.pt", "log.jsonl"]  # no temporary left, old ones removed
+    with open(out / ".lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released
+
+
+def test_a_data_worker_error_is_one_line_naming_the_file(tmp_path):
+    """An unreadable training image met in a DataLoader worker: the usual one-line error, not the
+    worker's traceback, and the process exits (no data worker keeps it alive)."""
+    root = make_camvid(tmp_path / "camvid", truncated="0001")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "train.py", *camvid_flags(root, tmp_path / "run"), "--iters", "2",
+                             "--workers", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: cannot read image {root / 'train' / '0001.png'}: ")
+
+
+def test_resume_from_a_damaged_checkpoint_is_refused(tmp_path, capsys, damage):
+    run(tmp_path, "--iters", 1)
+    damage(tmp_path / "last.pt")
+    err = cli_error(capsys, TINY + ["--out", str(tmp_path), "--iters", "2", "--resume", "auto"])
+    assert err == (f"error: {tmp_path / 'last.pt'} is damaged: its contents do not match the SHA-256 stored in it; "
+                   "use another checkpoint (e.g. best.pt or a copy)")
+

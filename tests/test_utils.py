@@ -1,7 +1,9 @@
 import os
+import signal
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 import utils
 from models import build_model
@@ -216,3 +218,68 @@ def test_amp_default_is_bf16_on_cuda_and_off_on_cpu():
     assert utils.resolve_amp(None, torch.device("cpu")) == "off"
     assert utils.resolve_amp(None, torch.device("cuda")) == "bf16"
     assert utils.resolve_amp("fp16", torch.device("cpu")) == "fp16"
+
+
+def test_a_checkpoint_carries_the_sha256_of_its_contents_and_damage_is_refused(tmp_path, damage):
+    path = tmp_path / "ck.pt"
+    checkpoint = tiny_checkpoint()
+    save_checkpoint(checkpoint, path)
+    raw = torch.load(path, weights_only=True)
+    assert raw["sha256"] == utils.payload_sha256(checkpoint) and len(raw["sha256"]) == 64
+    assert "sha256" not in load_checkpoint(path)
+
+    damage(path)
+    assert torch.load(path, weights_only=True)  # torch.load itself notices nothing
+    with pytest.raises(ValueError, match=f"^{path} is damaged: its contents do not match the SHA-256 stored in it"):
+        load_checkpoint(path)
+    # the digest covers what is not a tensor too
+    raw["iteration"] = 7
+    torch.save(raw, path)
+    with pytest.raises(ValueError, match="is damaged"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_written_before_the_sha256_loads_unchecked(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save(tiny_checkpoint(), path)  # what train.py wrote before it stored a SHA-256
+    assert set(load_checkpoint(path)) == set(CHECKPOINT_KEYS)
+
+
+def test_non_finite_tensors_are_named_and_others_ignored():
+    state = {"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")]), "empty": torch.empty(0),
+             "count": torch.tensor(5), "c": torch.full((2,), float("-inf"))}
+    assert utils.non_finite_tensors(state) == ["b", "c"]
+    assert utils.non_finite_tensors({"a": torch.ones(3), "count": torch.tensor(1)}) == []
+
+
+def test_remove_temporaries_removes_what_killed_saves_left(tmp_path):
+    save_checkpoint({"iteration": 1}, tmp_path / "last.pt")
+    (tmp_path / ".last.pt.tmp123").write_bytes(b"half a checkpoint")
+    (tmp_path / ".log.jsonl.tmp9").write_bytes(b"")
+    utils.remove_temporaries(str(tmp_path))
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+class Unreadable(Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise ValueError("cannot read image val/0003.png: image file is truncated")
+
+
+def test_run_cli_reduces_a_data_worker_traceback_to_its_message(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: list(DataLoader(Unreadable(), num_workers=1)))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: cannot read image val/0003.png: image file is truncated\n"
+
+
+def test_run_cli_exits_an_interrupted_run_with_128_plus_the_signal(capsys):
+    def stopped():
+        raise utils.Interrupted("stopped by SIGTERM after iteration 3; last.pt holds it", signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(stopped)
+    assert exit_info.value.code == 143
+    assert capsys.readouterr().err == "stopped by SIGTERM after iteration 3; last.pt holds it\n"
