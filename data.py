@@ -9,7 +9,15 @@ Every dataset has num_classes, class_names and palette (one (r, g, b) per class)
 Training items get the augmentation of the peers (CIRKD, torchvision references): random scale
 0.5-2.0, horizontal flip, pad (image with the mean, label with 255) and random crop.
 Validation items are the whole image, only normalised.
+
+image_scale (real sets) resizes every image by a factor in (0, 1] (bilinear) before anything
+else, a cheaper version of the set for small machines; training labels are resized with their
+images (nearest), validation labels are kept at full resolution, so that a model trained and
+evaluated at any scale is scored against the same labels (its logits upsampled to them).
 """
+
+import math
+
 
 import os
 
@@ -185,14 +193,15 @@ def parse_crop_size(crop_size):
 # datasets stored as image + label files
 
 class LabelledImages(Dataset):
-    """(image path, label path) pairs; labels are mapped with a 256-entry lookup table."""
+    """(image path, label path) pairs; labels are mapped with a 256-entry lookup table.
+    image_scale: the factor images are resized by first (training labels too; see the top)."""
 
-    def __init__(self, pairs, lut, valid, class_names, palette, train, crop_size):
+    def __init__(self, pairs, lut, valid, class_names, palette, train, crop_size, image_scale=1.0):
         self.pairs = pairs
         self.lut, self.valid = lut, valid
         self.class_names, self.palette = class_names, palette
         self.num_classes = len(class_names)
-        self.train, self.crop_size = train, crop_size
+        self.train, self.crop_size, self.image_scale = train, crop_size, image_scale
 
     def __len__(self):
         return len(self.pairs)
@@ -204,6 +213,11 @@ class LabelledImages(Dataset):
         if image.size != (label.shape[1], label.shape[0]):
             raise ValueError(f"image {image_path} is {image.size[0]}x{image.size[1]} but its label "
                              f"{label_path} is {label.shape[1]}x{label.shape[0]} (width x height)")
+        if self.image_scale != 1.0:
+            size = (max(1, round(image.size[0] * self.image_scale)), max(1, round(image.size[1] * self.image_scale)))
+            image = image.resize(size, Image.BILINEAR)
+            if self.train:
+                label = np.array(Image.fromarray(label).resize(size, Image.NEAREST))
         if self.train:
             return random_scale_crop_flip(image, label, self.crop_size)
         return to_item(image, label)
@@ -483,12 +497,12 @@ def draw_scene(rng, size):
 
 # -----------------------------------------------------------------------------
 
-def build_dataset(name, root, split, train, crop_size=None, **options):
+def build_dataset(name, root, split, train, crop_size=None, image_scale=1.0, **options):
     """
     name in DATASET_NAMES; root: the dataset folder (ignored for "synthetic"); split "train" or
     "val" ("test" too for camvid); train: apply the training augmentation; crop_size: int or
-    (h, w), required for training on the real datasets. options: only for "synthetic"
-    (seed=0, length=None, image_size=None).
+    (h, w), required for training on the real datasets; image_scale: in (0, 1], real sets only
+    (see the top). options: only for "synthetic" (seed=0, length=None, image_size=None).
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
@@ -496,7 +510,11 @@ def build_dataset(name, root, split, train, crop_size=None, **options):
     if split not in splits:
         raise ValueError(f"{name} has splits {splits}, got {split!r}")
     crop_size = parse_crop_size(crop_size)
+    if not (isinstance(image_scale, (int, float)) and math.isfinite(image_scale) and 0 < image_scale <= 1):
+        raise ValueError(f"the image scale must be a number in (0, 1], got {image_scale!r}")
     if name == "synthetic":
+        if image_scale != 1.0:
+            raise ValueError("the synthetic set takes no image scale: its image size is an option (--synthetic-size)")
         unknown = sorted(set(options) - {"seed", "length", "image_size"})
         if unknown:
             raise ValueError(f"unknown synthetic options {unknown}; expected seed, length, image_size")
@@ -511,13 +529,13 @@ def build_dataset(name, root, split, train, crop_size=None, **options):
     if name == "voc":
         pairs = voc_pairs(root, split)
         lut, valid = label_lookup({i: i for i in range(21)}, [IGNORE_INDEX])
-        return LabelledImages(pairs, lut, valid, VOC_CLASSES, VOC_PALETTE, train, crop_size)
+        return LabelledImages(pairs, lut, valid, VOC_CLASSES, VOC_PALETTE, train, crop_size, image_scale)
     if name == "cityscapes":
         pairs = cityscapes_pairs(root, split)
         # labelIds run 0..33; the license plate (id -1) is drawn as 255 by cityscapesscripts
         lut, valid = label_lookup({label_id: train_id for train_id, (_, label_id, _) in enumerate(CITYSCAPES_TRAIN_CLASSES)},
                                   list(range(34)) + [IGNORE_INDEX])
-        return LabelledImages(pairs, lut, valid, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, train, crop_size)
+        return LabelledImages(pairs, lut, valid, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, train, crop_size, image_scale)
     pairs = camvid_pairs(root, split)
     lut, valid = label_lookup({i: i for i in range(11)}, [11, IGNORE_INDEX])
-    return LabelledImages(pairs, lut, valid, CAMVID_CLASSES, CAMVID_PALETTE, train, crop_size)
+    return LabelledImages(pairs, lut, valid, CAMVID_CLASSES, CAMVID_PALETTE, train, crop_size, image_scale)

@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset", choices=DATASET_NAMES, help="default: the checkpoint's")
     p.add_argument("--data-root", help="default: the checkpoint's, when the dataset is the checkpoint's")
     p.add_argument("--split", default="val", help="val (default), or test for camvid")
+    p.add_argument("--image-scale", type=float, help="resize the images by this factor in (0, 1] (default: the "
+                   "checkpoint's); the scores are always against the full-resolution labels")
     p.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0],
                    help=f"image scales to average over, each in [{SCALES[0]}, {SCALES[1]}] (default: 1.0)")
@@ -54,6 +56,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not all(SCALES[0] <= s <= SCALES[1] for s in args.scales):  # NaN fails too
         p.error(f"--scales must each be in [{SCALES[0]}, {SCALES[1]}], got {' '.join(map(str, args.scales))}")
+    if args.image_scale is not None and not 0 < args.image_scale <= 1:  # NaN fails too
+        p.error(f"--image-scale must be in (0, 1], got {args.image_scale}")
     if args.window and min(args.window) < 1:
         p.error(f"--window must be positive, got {args.window}")
     if args.workers is not None and args.workers < 0:
@@ -104,7 +108,7 @@ def evaluate_checkpoint(args, device):
         raise ValueError(f"--window {args.window[0]} {args.window[1]} is smaller than the output stride {stride} "
                          f"of {args.ckpt}: pass a window of at least {stride} x {stride}, or none (whole images)")
     dataset_name = args.dataset or checkpoint["dataset"]
-    dataset = dataset_from_checkpoint(checkpoint, args.split, dataset_name, args.data_root)
+    dataset = dataset_from_checkpoint(checkpoint, args.split, dataset_name, args.data_root, args.image_scale)
     if dataset.num_classes != checkpoint["num_classes"]:
         raise ValueError(f"{args.ckpt} predicts {checkpoint['num_classes']} classes, the {dataset_name} set has "
                          f"{dataset.num_classes}")
@@ -128,12 +132,13 @@ def evaluate_checkpoint(args, device):
         if index >= args.save_max:
             return
         stem = os.path.join(args.save_dir, f"{index:05d}")
-        panels = [to_rgb(image[0]), colourise(label[0], dataset.palette), colourise(prediction[0], dataset.palette)]
+        size = label.shape[-2:]  # the image may have been scaled down (--image-scale), the label never is
+        panels = [to_rgb(upsample(image.float(), size)[0]), colourise(label[0], dataset.palette),
+                  colourise(prediction[0], dataset.palette)]
         save_image(panels, stem + ".png", nrow=3, padding=0)  # side by side
         if teacher is not None:
             with torch.no_grad(), autocast(device, amp):
                 logits = teacher(image)["out"].float()
-            size = image.shape[-2:]
             entropy = upsample(pixel_entropy(logits), size)
             keep = F.interpolate(condensation_matrix(logits, "hard", threshold), size=size, mode="nearest")
             Image.fromarray(to_grey(entropy)).save(stem + "_entropy.png")

@@ -81,6 +81,7 @@ NUMBER_RULES = (
     ("fckd_gamma", "a finite number >= 0", lambda x: math.isfinite(x) and x >= 0),
     ("fckd_temperature", "a finite number > 0", lambda x: math.isfinite(x) and x > 0),
     ("width", f"in [{WIDTHS[0]}, {WIDTHS[1]}]", lambda x: WIDTHS[0] <= x <= WIDTHS[1]),
+    ("image_scale", "in (0, 1]", lambda x: x is None or 0 < x <= 1),
     ("iters", ">= 1", lambda x: x >= 1),
     ("batch_size", ">= 1", lambda x: x >= 1),
     ("val_every", ">= 1", lambda x: x >= 1),
@@ -97,6 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--data-root", help=f"dataset folder; {per_dataset}")
     p.add_argument("--synthetic-length", type=int, help="images per split of the synthetic set (default: data.py's)")
     p.add_argument("--synthetic-size", type=int, help="side of the synthetic images in pixels (default: data.py's)")
+    p.add_argument("--image-scale", type=float, help="real sets: resize every image by this factor in (0, 1] first; "
+                   "validation scores against the full-resolution labels (default: 1)")
     p.add_argument("--model", choices=MODEL_NAMES, default="deeplabv3_resnet18", help="default: %(default)s")
     p.add_argument("--width", type=float, help=f"width multiplier of the model; {per_dataset}")
     p.add_argument("--output-stride", type=int, choices=(8, 16), default=8, help="default: %(default)s")
@@ -147,6 +150,8 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.dataset != "synthetic" and (args.synthetic_length is not None or args.synthetic_size is not None):
         p.error("--synthetic-length and --synthetic-size apply to --dataset synthetic only")
+    if args.dataset == "synthetic" and args.image_scale is not None:
+        p.error("--image-scale applies to the real sets; the synthetic set has --synthetic-size")
     if args.val_every is None:
         args.val_every = args.iters
     if args.crop_size is not None and len(args.crop_size) not in (1, 2):
@@ -564,8 +569,10 @@ def train(args, rank, world_size, device, stop):
 
     # data
     options = synthetic_options(args.dataset, args.synthetic_length, args.synthetic_size)
-    train_set = build_dataset(args.dataset, args.data_root, "train", train=True, crop_size=args.crop_size, **options)
-    val_set = build_dataset(args.dataset, args.data_root, "val", train=False, **options)
+    image_scale = args.image_scale or 1.0
+    train_set = build_dataset(args.dataset, args.data_root, "train", train=True, crop_size=args.crop_size,
+                              image_scale=image_scale, **options)
+    val_set = build_dataset(args.dataset, args.data_root, "val", train=False, image_scale=image_scale, **options)
     num_classes = train_set.num_classes
     batches_per_epoch = len(train_set) // world_size // batch_per_rank
     if batches_per_epoch == 0:

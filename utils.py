@@ -229,14 +229,15 @@ def sliding_logits(model, image, window):
 
 
 @torch.no_grad()
-def predict(model, image, scales=(1.0,), flip=False, window=None):
-    """Class probabilities (1 x K x H x W) for one normalised image (1 x 3 x H x W).
+def predict(model, image, scales=(1.0,), flip=False, window=None, size=None):
+    """Class probabilities (1 x K x size) for one normalised image (1 x 3 x H x W); size: that of
+    the labels scored against (default H x W; larger when the set's images were scaled down).
 
     For every scale (and its horizontal mirror with flip=True) the image is resized, run whole or
-    by sliding window, its logits resized back to H x W and softmaxed; the probabilities are
+    by sliding window, its logits resized to `size` and softmaxed; the probabilities are
     averaged over all passes (mmseg's aug test).
     """
-    size = image.shape[-2:]
+    size = image.shape[-2:] if size is None else size
     total = 0.0
     for scale in scales:
         scaled = image if scale == 1.0 else F.interpolate(
@@ -278,7 +279,7 @@ def evaluate(model, dataset, device, amp="off", scales=(1.0,), flip=False, windo
             image = image.to(device, non_blocking=True, memory_format=channels_last)
             label = label.to(device, non_blocking=True)
             with autocast(device, amp):
-                probabilities = predict(model, image, scales, flip, window)
+                probabilities = predict(model, image, scales, flip, window, label.shape[-2:])
             # one host sync per image, as confusion_matrix makes anyway
             if not torch.isfinite(probabilities).all():
                 raise FloatingPointError(f"the logits are NaN or inf on image {index} of {len(dataset)}")
@@ -443,16 +444,18 @@ def model_from_checkpoint(path, name=None):
     return model, checkpoint
 
 
-def dataset_from_checkpoint(checkpoint, split, name=None, data_root=None):
-    """The evaluation data (train=False) of a train.py checkpoint: its dataset, data root and
-    synthetic options, on `split`. `name` and `data_root` override the run's; another dataset
-    than the run's takes none of the run's settings."""
+def dataset_from_checkpoint(checkpoint, split, name=None, data_root=None, image_scale=None):
+    """The evaluation data (train=False) of a train.py checkpoint: its dataset, data root, image
+    scale and synthetic options, on `split`. `name`, `data_root` and `image_scale` override the
+    run's; another dataset than the run's takes none of the run's settings."""
     trained = checkpoint["args"]
     name = name or checkpoint["dataset"]
     if name != checkpoint["dataset"]:
-        return build_dataset(name, data_root, split, train=False)
+        return build_dataset(name, data_root, split, train=False, image_scale=image_scale or 1.0)
     options = synthetic_options(name, trained.get("synthetic_length"), trained.get("synthetic_size"))
-    return build_dataset(name, data_root or trained.get("data_root"), split, train=False, **options)
+    image_scale = image_scale or trained.get("image_scale") or 1.0
+    return build_dataset(name, data_root or trained.get("data_root"), split, train=False, image_scale=image_scale,
+                         **options)
 
 
 # -----------------------------------------------------------------------------

@@ -189,6 +189,35 @@ def test_augmentation_differs_across_dataloader_workers(tmp_path):
     assert len({tuple(label.flatten().tolist()) for label in labels}) > 1
 
 
+def test_image_scale_resizes_images_and_training_labels_but_not_validation_labels(tmp_path):
+    _, labels = make_camvid(tmp_path, np.random.default_rng(13))  # 18 x 24 frames
+    full = data.build_dataset("camvid", tmp_path, "val", train=False)[0]
+    image, label = data.build_dataset("camvid", tmp_path, "val", train=False, image_scale=0.5)[0]
+    assert image.shape == (3, 9, 12) and torch.equal(label, full[1])  # scored against the full labels
+    # training: the augmentation of the frame and label resized first (bilinear and nearest)
+    scaled = data.build_dataset("camvid", tmp_path, "train", train=True, crop_size=(16, 20), image_scale=0.5)
+    torch.manual_seed(3)
+    got_image, got_label = scaled[0]
+    source = Image.open(tmp_path / "train" / "0001.png").convert("RGB").resize((12, 9), Image.BILINEAR)
+    unscaled_label = data.build_dataset("camvid", tmp_path, "train", train=False)[0][1].numpy().astype(np.uint8)
+    torch.manual_seed(3)
+    want_image, want_label = data.random_scale_crop_flip(
+        source, np.array(Image.fromarray(unscaled_label).resize((12, 9), Image.NEAREST)), (16, 20))
+    assert torch.equal(got_image, want_image) and torch.equal(got_label, want_label)
+
+
+@pytest.mark.parametrize("scale", [0, -0.5, 1.5, float("nan"), float("inf")])
+def test_image_scale_outside_0_1_is_refused(tmp_path, scale):
+    make_camvid(tmp_path, np.random.default_rng(14))
+    with pytest.raises(ValueError, match=r"image scale must be a number in \(0, 1\], got"):
+        data.build_dataset("camvid", tmp_path, "val", train=False, image_scale=scale)
+
+
+def test_the_synthetic_set_takes_no_image_scale():
+    with pytest.raises(ValueError, match="synthetic set takes no image scale"):
+        data.build_dataset("synthetic", None, "val", train=False, image_scale=0.5)
+
+
 # -----------------------------------------------------------------------------
 # synthetic scenes
 

@@ -222,3 +222,21 @@ def test_a_window_below_the_output_stride_is_refused_before_evaluating(trained, 
 def test_evaluation_shows_its_progress(trained, capsys):
     evaluate_script.main(["--ckpt", str(trained / "last.pt")])
     assert "evaluating" in capsys.readouterr().err  # tqdm's bar, on stderr
+
+
+def test_a_run_at_a_reduced_image_scale_is_scored_and_pictured_at_full_resolution(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, stem in (("train", "0001"), ("val", "0002")):  # a SegNet-layout CamVid of 40 x 48 frames
+        for folder, array in ((split, rng.integers(0, 255, (40, 48, 3))), (f"{split}annot", rng.integers(0, 12, (40, 48)))):
+            os.makedirs(tmp_path / "camvid" / folder, exist_ok=True)
+            Image.fromarray(array.astype(np.uint8)).save(tmp_path / "camvid" / folder / f"{stem}.png")
+    out = tmp_path / "run"
+    train.main(["--dataset", "camvid", "--data-root", str(tmp_path / "camvid"), "--image-scale", "0.5",
+                "--crop-size", "32", "--width", "0.125", "--batch-size", "1", "--iters", "1", "--workers", "0",
+                "--out", str(out)])
+    pictures = tmp_path / "pictures"
+    evaluate_script.main(["--ckpt", str(out / "last.pt"), "--teacher-ckpt", str(out / "last.pt"),
+                          "--save-dir", str(pictures), "--json", str(tmp_path / "metrics.json")])
+    assert json.loads((tmp_path / "metrics.json").read_text())["mIoU"] is not None
+    assert Image.open(pictures / "00000.png").size == (3 * 48, 40)
+    assert Image.open(pictures / "00000_entropy.png").size == Image.open(pictures / "00000_condensation.png").size == (48, 40)

@@ -20,7 +20,7 @@ import train
 from data import SYNTHETIC_CLASSES, build_dataset
 from fckd import FCKDLoss
 from models import build_model
-from utils import CHECKPOINT_KEYS, Interrupted, load_checkpoint, run_cli, save_checkpoint
+from utils import CHECKPOINT_KEYS, Interrupted, dataset_from_checkpoint, load_checkpoint, run_cli, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = len(SYNTHETIC_CLASSES)
@@ -476,6 +476,27 @@ def test_an_all_void_frame_adds_zero_cross_entropy_and_is_counted(tmp_path, caps
     assert all(r["ce"] > 0 for r in steps if r not in void_steps)
     assert summary["unlabelled_batches"] == 2
     assert load_checkpoint(tmp_path / "run" / "last.pt")["unlabelled_batches"] == 2
+
+
+def test_the_image_scale_is_stored_in_the_checkpoint_and_evaluation_reuses_it(tmp_path):
+    root = make_camvid(tmp_path / "camvid")  # 40 x 48 frames
+    train.main(camvid_flags(root, tmp_path / "run") + ["--iters", "2", "--image-scale", "0.5"])
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert checkpoint["args"]["image_scale"] == 0.5
+    image, label = dataset_from_checkpoint(checkpoint, "val")[0]
+    assert image.shape == (3, 20, 24) and label.shape == (40, 48)
+    image, label = dataset_from_checkpoint(checkpoint, "val", image_scale=1.0)[0]
+    assert image.shape == (3, 40, 48) and label.shape == (40, 48)
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "nan"])
+def test_an_image_scale_outside_0_1_is_refused_naming_the_flag(capsys, value):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dataset", "camvid", "--image-scale", value])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: --image-scale must be in (0, 1], got {float(value)}")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--image-scale", "0.5"])  # synthetic
+    assert "--image-scale applies to the real sets" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, value, message", [

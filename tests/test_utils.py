@@ -129,6 +129,32 @@ def test_sliding_window_flip_and_scale_1_agree_with_the_whole_image():
     assert multi.shape == whole.shape and torch.allclose(multi.sum(1), torch.ones(1, 21, 30))
 
 
+class HalfSizeImages(Dataset):
+    """Images at half the size of their labels, as data.py gives them with image_scale=0.5."""
+    num_classes = 4
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        label = torch.randint(0, 4, (18, 24), generator=torch.Generator().manual_seed(index))
+        label[:3] = 255
+        return torch.randn(3, 9, 12, generator=torch.Generator().manual_seed(10 + index)), label
+
+
+def test_predictions_are_upsampled_to_the_labels_and_every_label_pixel_is_scored():
+    torch.manual_seed(0)
+    net = PointwiseNet().eval()
+    image = torch.randn(1, 3, 9, 12)
+    with torch.no_grad():
+        probabilities = predict(net, image, size=(18, 24))
+        want = utils.upsample(net(image)["out"], (18, 24)).softmax(1)
+    torch.testing.assert_close(probabilities, want)
+    dataset = HalfSizeImages()
+    confusion = utils.evaluate(net, dataset, torch.device("cpu"))
+    assert confusion.sum() == sum(int((dataset[i][1] != 255).sum()) for i in range(len(dataset)))
+
+
 # -----------------------------------------------------------------------------
 # checkpoints
 
