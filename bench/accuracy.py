@@ -4,10 +4,13 @@
     python bench/accuracy.py --table ablation --jobs 2  # FCKD's parts, 3 seeds: 30 runs of about 5 minutes
     python bench/accuracy.py --table screen --jobs 2    # revision 2's candidates and their ablation rows
     python bench/accuracy.py --setting camvid         # CamVid in data/camvid: R101 teacher, R18 students (GPU)
+    python bench/accuracy.py --setting camvid-cpu --table finalists --jobs 2 -- --data-root ../shared/camvid
+                                                      # CamVid at half scale on a 2-core CPU: about 90 minutes
     python bench/accuracy.py -- --amp off             # everything after -- goes to every train.py run
 
-Trains the teacher once (seed 0), then every student with --seed s, each with train.py at the
-setting's budget (--jobs N: N students at a time, the CPU threads split between them), and
+Trains the teacher once (seed 0), and every student with --seed s, each with train.py at the
+setting's budget (--jobs N: N runs at a time, the CPU threads split between them; students
+without a teacher train beside it), and
 evaluates the weights of the last iteration with eval.py on the val split (no checkpoint is
 picked on the val split). Prints a table of mIoU and mAcc, mean +- sample std over the seeds with
 the per-seed values, and writes it to bench/results/accuracy_SETTING[_TABLE].json.
@@ -46,6 +49,14 @@ SETTINGS = {
                    "--lr", "0.05", "--val-every", "2000"],
         "teacher": ["--model", "deeplabv3_resnet101"],
         "student": ["--model", "deeplabv3_resnet18"],
+    },
+    # Sized (README, "CamVid on a CPU") for a 2-core machine, two runs at a time, one thread each:
+    # half-scale frames, a wider and 3x longer-trained teacher than the students.
+    "camvid-cpu": {
+        "common": ["--dataset", "camvid", "--image-scale", "0.5", "--crop-size", "128", "160", "--batch-size", "8",
+                   "--lr", "0.1", "--workers", "0", "--save-every", "200", "--val-every", "100000"],
+        "teacher": ["--model", "deeplabv3_resnet18", "--width", "0.5", "--iters", "2400"],
+        "student": ["--model", "deeplabv3_resnet18", "--width", "0.25", "--iters", "800"],
     },
 }
 METHODS = {"baseline": [], "kd": ["--kd", "kd"], "cwd": ["--kd", "cwd"], "fckd": ["--kd", "fckd"]}
@@ -106,7 +117,19 @@ SCREEN = {  # the candidates, then the references that the rule and the target n
                                                            "--no-fckd-enhance"],
     **{name: fckd_flags(reading) for name, reading in READINGS.items() if name.startswith("ablation")},
 }
-TABLES = {"methods": METHODS, "ablation": ABLATION, "screen": SCREEN}
+# The CamVid table: the references, revision 1, the two best candidates of the screen, and the mask
+# without enhancement (does the enhancement help where the logit maps are larger than 8 x 8?).
+FINALISTS = {
+    "baseline": [],
+    **{name: SCREEN[name] for name in ("C3 mask, cosine T 0.1, threshold 0.7, gamma 0.5",
+                                       "C4 mask, cosine T 0.1, threshold 0.7, gamma 0.25",
+                                       "C1 revision 1: multiply, dot, threshold 0.7, gamma 1",
+                                       "cwd")},
+    "kd": ["--kd", "kd"],
+    **{name: SCREEN[name] for name in ("control: KD + CWD (no condensation, no enhancement)",
+                                       "ablation: mask, threshold 0.7, no enhancement")},
+}
+TABLES = {"methods": METHODS, "ablation": ABLATION, "screen": SCREEN, "finalists": FINALISTS}
 
 
 def run_dir(out, name, seed):
@@ -183,7 +206,7 @@ def main(argv=None):
                         help="methods: baseline, KD, CWD, FCKD; ablation: FCKD's parts; screen: revision 2's "
                              "candidates (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
-    parser.add_argument("--jobs", type=int, default=1, help="student runs at a time (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default: %(default)s)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "accuracy"), help="default: runs/accuracy")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="default: bench/results")
     args = parser.parse_args(own)
@@ -197,14 +220,19 @@ def main(argv=None):
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
     teacher_args = [*setting["common"], *setting["teacher"], *extra]
-    teacher = run("teacher", 0, teacher_args, out, None)
     teacher_ckpt = str(run_dir(out, "teacher", 0) / "last.pt")
     variants = TABLES[args.table]
     jobs = [(name, seed, [*setting["common"], *setting["student"], *extra,
                           *(["--teacher-ckpt", teacher_ckpt, *flags] if flags else [])])
             for name, flags in variants.items() for seed in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda job: run(*job, out, threads), jobs))
+        teacher_run = pool.submit(run, "teacher", 0, teacher_args, out, threads)
+        # the students without a teacher train while it does, the others once it is done
+        needs_teacher = ["--teacher-ckpt" in train_args for _, _, train_args in jobs]
+        futures = {i: pool.submit(run, *job, out, threads) for i, job in enumerate(jobs) if not needs_teacher[i]}
+        teacher = teacher_run.result()
+        futures.update({i: pool.submit(run, *job, out, threads) for i, job in enumerate(jobs) if needs_teacher[i]})
+        results = [futures[i].result() for i in range(len(jobs))]
 
     by_name = {}
     for (name, seed, _), result in zip(jobs, results):

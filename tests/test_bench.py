@@ -87,6 +87,21 @@ def test_screen_rows_train_exactly_the_readings_they_name():
         assert all(f"--fckd-{key} " in flags for key in ("apply", "similarity", "threshold")), name
 
 
+def test_every_setting_and_table_row_is_a_valid_train_command():
+    import train
+    from bench import accuracy
+
+    for setting in accuracy.SETTINGS.values():
+        for role in ("teacher", "student"):
+            train.parse_args([*setting["common"], *setting[role]])
+    for name, flags in accuracy.FINALISTS.items():
+        args = train.parse_args([*accuracy.SETTINGS["camvid-cpu"]["common"], *flags,
+                                 *(["--teacher-ckpt", "t.pt"] if flags else [])])
+        assert args.image_scale == 0.5 and (args.kd is None) == (name == "baseline"), name
+    assert accuracy.FINALISTS["C3 mask, cosine T 0.1, threshold 0.7, gamma 0.5"] == \
+        accuracy.fckd_flags(accuracy.READINGS["C3 mask, cosine T 0.1, threshold 0.7, gamma 0.5"])
+
+
 def test_data_speed_runs_and_writes_json(tmp_path):
     from bench import data_speed
 
