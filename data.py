@@ -372,6 +372,14 @@ class SyntheticScenes(Dataset):
         return to_item(image, label)
 
 
+def synthetic_options(name, length=None, image_size=None):
+    """build_dataset's options from the --synthetic-length and --synthetic-size flags (None: the
+    default) of a run on dataset `name`; the real sets take none."""
+    if name != "synthetic":
+        return {}
+    return {key: value for key, value in (("length", length), ("image_size", image_size)) if value is not None}
+
+
 # -----------------------------------------------------------------------------
 
 def build_dataset(name, root, split, train, crop_size=None, image_scale=1.0, **options):
