@@ -665,7 +665,8 @@ def train(args, rank, world_size, device, stop):
     amp = resolve_amp(args.amp, device)
     if cuda:
         use_fast_cuda_kernels()
-    last_path, best_path, log_path = (os.path.join(args.out, name) for name in RUN_FILES)
+    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
+    log_path = os.path.join(args.out, "log.jsonl")
     log = functools.partial(append_log, log_path)
     # the ranks agree on stopping every step: over gloo, on the CPU, also when NCCL carries the rest
     stop_group = dist.new_group(backend="gloo") if world_size > 1 and cuda else None
