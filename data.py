@@ -5,7 +5,8 @@ synthetic scene set generated in memory.
     dataset = build_dataset("camvid", "path/to/camvid", "train", train=True, crop_size=360)
     image, label = dataset[0]   # float32 3 x H x W (ImageNet-normalised), int64 H x W (255 = ignore)
 
-Every dataset has num_classes, class_names and palette (one (r, g, b) per class).
+Every dataset has num_classes, class_names and palette (one (r, g, b) per class). The synthetic
+set's scenes are drawn by scenes.py.
 Training items get the augmentation of the peers (CIRKD, torchvision references): random scale
 0.5-2.0, horizontal flip, pad (image with the mean, label with 255) and random crop.
 Validation items are the whole image, only normalised.
@@ -17,14 +18,14 @@ evaluated at any scale is scored against the same labels (its logits upsampled t
 """
 
 import math
-
-
 import os
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from scenes import SYNTHETIC_CLASSES, draw_scene
 
 DATASET_NAMES = ("synthetic", "voc", "cityscapes", "camvid")
 IGNORE_INDEX = 255
@@ -322,19 +323,11 @@ def camvid_pairs(root, split):
 
 
 # -----------------------------------------------------------------------------
-# the synthetic scene set
-#
-# Classes are defined by shape; colour, texture, size, position, rotation, occlusion and noise
-# are random, so colour alone says nothing. Two pairs of classes differ only by a small detail
-# (square / holed square) or by what surrounds them (cross / cross on panel), so a model needs
-# capacity and a receptive field larger than the object.
+# the synthetic scene set: scenes.py draws them (its classes are defined by shape, see there)
 
-SYNTHETIC_CLASSES = (
-    "background", "disc", "triangle", "panel", "square", "holed square", "cross", "cross on panel")
 SYNTHETIC_PALETTE = (
     (0, 0, 0), (230, 25, 75), (60, 180, 75), (145, 30, 180), (255, 225, 25), (0, 130, 200),
     (245, 130, 48), (70, 240, 240))
-SYNTHETIC_OBJECTS = ("disc", "triangle", "square", "holed square", "cross", "cross on panel")
 SYNTHETIC_SPLITS = {"train": 0, "val": 1}
 SYNTHETIC_LENGTH = {"train": 2000, "val": 200}
 SYNTHETIC_SIZE = 64
@@ -360,8 +353,8 @@ class SyntheticScenes(Dataset):
         self.length = SYNTHETIC_LENGTH[split] if length is None else length
         self.image_size = SYNTHETIC_SIZE if image_size is None else image_size
         self.crop_size = crop_size or (self.image_size, self.image_size)
-        # Each scene is drawn once per process and kept (4 bytes a pixel: 2000 64 x 64 scenes take
-        # 33 MB): drawing a batch costs a third of a training step of the small student on a CPU.
+        # each scene is drawn once per process and kept (4 bytes a pixel): drawing is slow next to a
+        # training step of the small student on a CPU (README, "The synthetic set")
         self.scenes = {}
 
     def __len__(self):
@@ -379,120 +372,12 @@ class SyntheticScenes(Dataset):
         return to_item(image, label)
 
 
-def draw_scene(rng, size):
-    """
-    One scene: (uint8 size x size x 3 image, uint8 size x size label). Lengths below are pixels
-    of a 96 x 96 image, scaled with size.
-    1. Background: a random colour, flat or textured, a linear shading and 0-2 soft colour blobs
-       (colour without shape, so still background).
-    2. In 60% of the scenes a panel: a large rectangle (44-64 a side), turned by up to 0.3 rad.
-    3. 4-8 tries to place an object of radius r = 9-15 at a random angle, covering earlier
-       objects by at most a quarter of its disc (occlusion): disc; equilateral triangle (r 25%
-       larger, to give it a similar area); square (side 1.6 r); holed square (a hole of radius
-       0.22-0.32 r, off-centre by up to 0.3 r: its only difference from a square); cross (arms
-       0.6-0.9 r wide) wholly off the panel; cross on panel (wholly on it).
-    Every painted region gets a random colour at least 90 (RGB distance) away from the mean of
-    what it covers and a random texture; then Gaussian pixel noise (sigma 0-8) over everything.
-    """
-    unit = size / 96
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    label = np.zeros((size, size), np.uint8)
-    taken = np.zeros((size, size), bool)  # object pixels so far (the panel does not count)
-
-    def window(cx, cy, extent):
-        """Slices of the square around (cx, cy) and its pixel coordinates relative to the centre."""
-        y0, y1 = max(0, int(cy - extent) - 1), min(size, int(cy + extent) + 2)
-        x0, x1 = max(0, int(cx - extent) - 1), min(size, int(cx + extent) + 2)
-        return (slice(y0, y1), slice(x0, x1)), xx[y0:y1, x0:x1] - cx, yy[y0:y1, x0:x1] - cy
-
-    def rotated(x, y, angle):
-        c, s = np.cos(angle), np.sin(angle)
-        return x * c + y * s, -x * s + y * c
-
-    def texture(x, y, colour):
-        """colour over the pixels (x, y): flat (half the time), stripes or blotches."""
-        kind = rng.integers(4)
-        if kind < 2:
-            return np.broadcast_to(colour, x.shape + (3,))
-        if kind == 2:
-            angle, period = rng.uniform(0, np.pi), rng.uniform(3, 10) * unit
-            t = np.sin((x * np.cos(angle) + y * np.sin(angle)) * (2 * np.pi / period))
-        else:
-            coarse = rng.uniform(-1, 1, (5, 5)).astype(np.float32)
-            t = np.asarray(Image.fromarray(coarse).resize(x.shape[::-1], Image.BILINEAR))
-        return colour + rng.uniform(-1, 1, 3).astype(np.float32) * rng.uniform(20, 50) * t[..., None]
-
-    def contrasting(covered):
-        """A random colour at least 90 away from the mean colour of the pixels it covers."""
-        mean = covered.reshape(-1, 3).mean(0)
-        for _ in range(20):
-            colour = rng.uniform(0, 255, 3).astype(np.float32)
-            if np.linalg.norm(colour - mean) > 90:
-                break
-        return colour
-
-    def paint(sub, mask, x, y, cls):
-        region = image[sub]  # a view: painting it paints the image
-        region[mask] = texture(x, y, contrasting(region[mask]))[mask]
-        label[sub][mask] = cls
-        taken[sub][mask] = True
-
-    def free_spot(r, inside):
-        """A centre whose disc of radius r lies inside `inside` and overlaps objects by <= 1/4."""
-        for _ in range(20):
-            cx, cy = rng.uniform(r, size - r, 2)
-            sub, x, y = window(cx, cy, r)
-            disc = x * x + y * y <= r * r
-            if inside[sub][disc].all() and taken[sub][disc].sum() <= disc.sum() / 4:
-                return cx, cy
-        return None
-
-    image = texture(xx, yy, rng.uniform(0, 255, 3).astype(np.float32)).copy()
-    u, _ = rotated(xx, yy, rng.uniform(0, 2 * np.pi))
-    image += rng.uniform(-40, 40, 3).astype(np.float32) * (u / size)[..., None]
-    for _ in range(rng.integers(0, 3)):
-        cx, cy = rng.uniform(0, size, 2)
-        s = rng.uniform(6, 14) * unit
-        w = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))[..., None]
-        image = image * (1 - w) + rng.uniform(0, 255, 3).astype(np.float32) * w
-
-    panel = np.zeros((size, size), bool)
-    if rng.random() < 0.6:
-        a, b = rng.uniform(22, 32, 2) * unit
-        cx, cy = rng.uniform(a, size - a), rng.uniform(b, size - b)
-        sub, x, y = window(cx, cy, np.hypot(a, b))
-        u, v = rotated(x, y, rng.uniform(-0.3, 0.3))
-        panel[sub] = (abs(u) <= a) & (abs(v) <= b)
-        paint(sub, panel[sub], x, y, SYNTHETIC_CLASSES.index("panel"))
-        taken[:] = False
-    anywhere = np.ones((size, size), bool)
-
-    for _ in range(rng.integers(4, 9)):
-        names = SYNTHETIC_OBJECTS if panel.any() else SYNTHETIC_OBJECTS[:-1]
-        name = names[rng.integers(len(names))]
-        r = rng.uniform(9, 15) * unit * (1.25 if name == "triangle" else 1.0)
-        at = free_spot(r, panel if name == "cross on panel" else ~panel if name == "cross" else anywhere)
-        if at is None:
-            continue
-        angle = rng.uniform(0, 2 * np.pi)
-        sub, x, y = window(*at, r)
-        u, v = rotated(x, y, angle)
-        if name == "disc":
-            mask = u * u + v * v <= r * r
-        elif name == "triangle":  # three half-planes at distance r/2 from the centre
-            mask = np.all([u * np.cos(a) + v * np.sin(a) <= r / 2 for a in np.arange(3) * 2 * np.pi / 3], axis=0)
-        elif name in ("square", "holed square"):
-            mask = np.maximum(abs(u), abs(v)) <= 0.8 * r
-            if name == "holed square":
-                hx, hy = rng.uniform(-0.3, 0.3, 2) * r
-                mask &= (u - hx) ** 2 + (v - hy) ** 2 > (rng.uniform(0.22, 0.32) * r) ** 2
-        else:
-            arm = rng.uniform(0.3, 0.45) * r
-            mask = ((abs(u) <= arm) & (abs(v) <= r)) | ((abs(v) <= arm) & (abs(u) <= r))
-        paint(sub, mask, x, y, SYNTHETIC_CLASSES.index(name))
-
-    image += rng.normal(0, rng.uniform(0, 8), image.shape).astype(np.float32)
-    return np.clip(image, 0, 255).astype(np.uint8), label
+def synthetic_options(name, length=None, image_size=None):
+    """build_dataset's options from the --synthetic-length and --synthetic-size flags (None: the
+    default) of a run on dataset `name`; the real sets take none."""
+    if name != "synthetic":
+        return {}
+    return {key: value for key, value in (("length", length), ("image_size", image_size)) if value is not None}
 
 
 # -----------------------------------------------------------------------------

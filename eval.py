@@ -24,9 +24,9 @@ from torchvision.utils import save_image
 
 from data import DATASET_NAMES, IGNORE_INDEX, MEAN, STD
 from fckd import DEFAULT_THRESHOLD, condensation_matrix, pixel_entropy
-from utils import (autocast, dataset_from_checkpoint, evaluate, format_metrics, is_main, model_from_checkpoint,
-                   resolve_amp, run_cli, segmentation_metrics, setup_distributed, teardown_distributed, upsample,
-                   writable_file, writable_folder)
+from utils import (autocast, check_num_classes, dataset_from_checkpoint, evaluate, format_metrics, is_main,
+                   memory_format, model_from_checkpoint, resolve_amp, run_cli, segmentation_metrics, setup_distributed,
+                   teardown_distributed, upsample, writable_file, writable_folder)
 
 IGNORE_COLOUR = (255, 255, 255)  # white: several palettes use black for a real class
 SCALES = (0.25, 4.0)  # beyond these an image is a few logits wide, or 16 times the pixels of the original
@@ -96,37 +96,54 @@ def main(argv=None):
 
 
 def evaluate_checkpoint(args, device):
+    """Score --ckpt on --split and print the table (rank 0), with --json and --save-dir's pictures."""
     # where the results go is checked before anything is loaded or evaluated
     if args.json and is_main():
         writable_file(args.json, "--json")
     if args.save_dir:
         writable_folder(args.save_dir, "--save-dir")
     model, checkpoint = model_from_checkpoint(args.ckpt)
-    trained = checkpoint["args"]
     stride = checkpoint["model_options"].get("output_stride", 8)
     if args.window and min(args.window) < stride:  # each window would give a single logit, for minutes
         raise ValueError(f"--window {args.window[0]} {args.window[1]} is smaller than the output stride {stride} "
                          f"of {args.ckpt}: pass a window of at least {stride} x {stride}, or none (whole images)")
     dataset_name = args.dataset or checkpoint["dataset"]
     dataset = dataset_from_checkpoint(checkpoint, args.split, dataset_name, args.data_root, args.image_scale)
-    if dataset.num_classes != checkpoint["num_classes"]:
-        raise ValueError(f"{args.ckpt} predicts {checkpoint['num_classes']} classes, the {dataset_name} set has "
-                         f"{dataset.num_classes}")
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
+    check_num_classes(checkpoint, args.ckpt, dataset_name, dataset.num_classes)
+    model.to(device, memory_format=memory_format(device))
     amp = resolve_amp(args.amp, device)
-    workers = args.workers if args.workers is not None else trained.get("workers", 0)
+    workers = args.workers if args.workers is not None else checkpoint["args"].get("workers", 0)
+    save_pictures = picture_writer(args, checkpoint, dataset, dataset_name, device, amp) if args.save_dir else None
+    window = tuple(args.window) if args.window else None
+    try:
+        confusion = evaluate(model, dataset, device, amp, tuple(args.scales), args.flip, window, workers,
+                             on_image=save_pictures, progress=True)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{args.ckpt} cannot be scored: {e} of the {dataset_name} {args.split} split") from e
+    metrics = segmentation_metrics(confusion, dataset.class_names)
+    if is_main():
+        print(f"{args.ckpt} on {dataset_name} {args.split} ({len(dataset)} images; scales {args.scales}"
+              f"{', flip' if args.flip else ''}{f', window {window}' if window else ''})")
+        print(format_metrics(metrics))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"checkpoint": args.ckpt, "dataset": dataset_name, "split": args.split, **metrics}, f,
+                          indent=1)
 
+
+def picture_writer(args, checkpoint, dataset, dataset_name, device, amp):
+    """evaluate()'s on_image for --save-dir: for the first --save-max images, image | label |
+    prediction side by side, and with --teacher-ckpt the teacher's pixel entropy and hard
+    condensation matrix (at --fckd-threshold, else the student's, else fckd.py's default)."""
     teacher = None
     if args.teacher_ckpt:
         teacher, teacher_checkpoint = model_from_checkpoint(args.teacher_ckpt)
-        if teacher_checkpoint["num_classes"] != dataset.num_classes:
-            raise ValueError(f"teacher checkpoint {args.teacher_ckpt} predicts {teacher_checkpoint['num_classes']} "
-                             f"classes, the {dataset_name} set has {dataset.num_classes}")
-        teacher.eval().to(device, memory_format=memory_format)
+        check_num_classes(teacher_checkpoint, f"teacher checkpoint {args.teacher_ckpt}", dataset_name,
+                          dataset.num_classes)
+        teacher.eval().to(device, memory_format=memory_format(device))
     threshold = args.fckd_threshold
     if threshold is None:
-        threshold = trained.get("fckd_threshold", DEFAULT_THRESHOLD)
+        threshold = checkpoint["args"].get("fckd_threshold", DEFAULT_THRESHOLD)
 
     def save_pictures(index, image, label, prediction):
         if index >= args.save_max:
@@ -144,21 +161,7 @@ def evaluate_checkpoint(args, device):
             Image.fromarray(to_grey(entropy)).save(stem + "_entropy.png")
             Image.fromarray(to_grey(keep)).save(stem + "_condensation.png")
 
-    window = tuple(args.window) if args.window else None
-    try:
-        confusion = evaluate(model, dataset, device, amp, tuple(args.scales), args.flip, window, workers,
-                             on_image=save_pictures if args.save_dir else None, progress=True)
-    except FloatingPointError as e:
-        raise FloatingPointError(f"{args.ckpt} cannot be scored: {e} of the {dataset_name} {args.split} split") from e
-    metrics = segmentation_metrics(confusion, dataset.class_names)
-    if is_main():
-        print(f"{args.ckpt} on {dataset_name} {args.split} ({len(dataset)} images; scales {args.scales}"
-              f"{', flip' if args.flip else ''}{f', window {window}' if window else ''})")
-        print(format_metrics(metrics))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"checkpoint": args.ckpt, "dataset": dataset_name, "split": args.split, **metrics}, f,
-                          indent=1)
+    return save_pictures
 
 
 if __name__ == "__main__":

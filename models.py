@@ -17,7 +17,7 @@ feature before the classifier, "aux": FCN logits on a middle feature (training o
 a ResNet, in a MobileNet the first block at output stride 8, where torchvision puts it}.
 """
 
-from pathlib import Path
+import os
 
 import torch
 import torch.nn as nn
@@ -393,11 +393,43 @@ def build_backbone(name, width, output_stride):
 
 
 # -----------------------------------------------------------------------------
-# loading torchvision checkpoints
+# loading weights: torchvision's files here, train.py's checkpoints in utils.py, the same checks
 
-def _key_list(keys, limit=10):
-    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
+def listing(names, shown=10):
+    """'a, b, c ... and 7 more': the first `shown` names and how many are left out."""
+    more = f" ... and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def load_torch_file(path, what):
+    """torch.load(path) onto the CPU with weights_only=True (a file of weights is data, never code).
+
+    what names the file in the errors: FileNotFoundError "{what} not found: {path}", ValueError
+    "{path} is not a readable {what} (the error torch.load raised)".
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable {what} ({type(e).__name__}: {e})") from e
+
+
+def load_weights(module, state, mismatch, may_lack=()):
+    """module.load_state_dict(state) if `state` has exactly module's keys and shapes; otherwise
+    ValueError "{mismatch}: N missing keys: ...; N unexpected keys: ...; N shape mismatches: key
+    (file shape, model shape), ...". may_lack: key endings that `state` may lack (torch fills them in).
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith(may_lack)]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} (file {tuple(v.shape)}, model {tuple(expected[k].shape)})"
+                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    problems = [f"{len(keys)} {kind}: {listing(keys)}" for kind, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
+    if problems:
+        raise ValueError(f"{mismatch}: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
 
 
 def load_backbone(backbone, path):
@@ -407,13 +439,7 @@ def load_backbone(backbone, path):
     hold the state dict itself or wrap it under "state_dict" or "model"; a DDP "module." prefix is
     stripped. Anything else raises ValueError naming the file and every problem.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained backbone file not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    checkpoint = load_torch_file(path, "torch checkpoint of a pretrained backbone")
     state = checkpoint
     if isinstance(checkpoint, dict):
         for wrapper in ("state_dict", "model"):
@@ -425,22 +451,11 @@ def load_backbone(backbone, path):
                          f"'state_dict' or 'model'); found {type(state).__name__}")
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(backbone.ignored)}
-
-    expected = backbone.state_dict()
+    ignored = ", ".join(prefix + "*" for prefix in backbone.ignored)
     # old torchvision checkpoints predate BatchNorm's num_batches_tracked; torch fills it in
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} (file {tuple(v.shape)}, model {tuple(expected[k].shape)})"
-                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        problems = [f"{len(missing)} missing keys: {_key_list(missing)}" if missing else "",
-                    f"{len(unexpected)} unexpected keys: {_key_list(unexpected)}" if unexpected else "",
-                    f"{len(mismatched)} shape mismatches: {_key_list(mismatched)}" if mismatched else ""]
-        ignored = ", ".join(prefix + "*" for prefix in backbone.ignored)
-        raise ValueError(f"{path} does not fit the {backbone.arch} backbone at width {backbone.width} "
-                         f"(expected torchvision's {backbone.arch} state dict, {ignored} ignored): "
-                         + "; ".join(p for p in problems if p))
-    backbone.load_state_dict(state, strict=True)
+    load_weights(backbone, state, f"{path} does not fit the {backbone.arch} backbone at width {backbone.width} "
+                 f"(expected torchvision's {backbone.arch} state dict, {ignored} ignored)",
+                 may_lack=("num_batches_tracked",))
 
 
 # -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ a run holds OUT's lock while it trains.
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import math
 import os
@@ -38,19 +39,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from data import DATASET_NAMES, IGNORE_INDEX, build_dataset
+from data import DATASET_NAMES, IGNORE_INDEX, build_dataset, synthetic_options
 from fckd import (APPLY_MODES, CONDENSE_MODES, DEFAULT_APPLY, DEFAULT_GAMMA, DEFAULT_SIMILARITY, DEFAULT_TEMPERATURE,
                   DEFAULT_THRESHOLD, SIMILARITIES, FCKDLoss, channel_kd, spatial_kd)
-from models import MODEL_NAMES, build_model
-from utils import (Interrupted, all_reduce, atomic_write, autocast, evaluate, is_main, listing, load_checkpoint,
-                   load_state, metrics_line, model_from_checkpoint, non_finite_tensors, quiet_on_stop_signals,
-                   remove_temporaries, resolve_amp, run_cli, save_checkpoint, segmentation_metrics, setup_distributed,
-                   synthetic_options, teardown_distributed, upsample, writable_folder)
+from models import MODEL_NAMES, build_model, listing
+from utils import (FRESH_PROGRESS, Interrupted, all_reduce, atomic_write, autocast, check_num_classes, evaluate,
+                   is_main, load_checkpoint, load_state, memory_format, metrics_line, model_from_checkpoint,
+                   non_finite_tensors, quiet_on_stop_signals, remove_temporaries, resolve_amp, run_cli,
+                   save_checkpoint, segmentation_metrics, setup_distributed, teardown_distributed, upsample,
+                   writable_folder)
 
 # Per-dataset defaults for every flag left unset. The real sets follow the CIRKD protocol (SGD,
 # lr 0.02 at global batch 16, poly 0.9, 40k iterations); the lr is not rescaled with --batch-size.
-# The synthetic numbers size the CPU quick start (teacher and FCKD student in about 10 minutes on
-# 2 cores) so that the width-0.5 teacher beats this width-0.125 student by over 5 mIoU (README).
+# The synthetic numbers size the CPU quick start: short enough for a CPU, long enough for the
+# quick start's teacher to beat this student clearly (README, "The synthetic set").
 DATASET_DEFAULTS = {
     "synthetic": dict(data_root=None, width=0.125, iters=2400, batch_size=8, lr=0.1, crop_size=None,
                       val_every=None, save_every=250, workers=0),  # val_every None: at the end only
@@ -91,7 +93,7 @@ NUMBER_RULES = (
 )
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     per_dataset = "default: per dataset, see DATASET_DEFAULTS in train.py"
     p.add_argument("--dataset", choices=DATASET_NAMES, default="synthetic", help="default: %(default)s")
@@ -105,7 +107,28 @@ def parse_args(argv=None):
     p.add_argument("--output-stride", type=int, choices=(8, 16), default=8, help="default: %(default)s")
     p.add_argument("--pretrained-backbone", help="torchvision ResNet state dict (ImageNet weights)")
     p.add_argument("--teacher-ckpt", help="checkpoint of a trained teacher: distil it into the student")
-    p.add_argument("--teacher", choices=MODEL_NAMES, help="teacher architecture (default: from its checkpoint)")
+    add_distillation_flags(p)
+    p.add_argument("--iters", type=int, help=f"training iterations; {per_dataset}")
+    p.add_argument("--batch-size", type=int, help=f"global batch size, split over the ranks; {per_dataset}")
+    p.add_argument("--crop-size", type=int, nargs="+", metavar="SIZE", help=f"training crop, H or H W; {per_dataset}")
+    p.add_argument("--lr", type=float, help=f"base learning rate; {per_dataset}")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="default: %(default)s")
+    p.add_argument("--amp", choices=("bf16", "fp16", "off"), help="autocast dtype (default: bf16 on CUDA, off on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument("--out", help="output folder (default: runs/DATASET_MODEL[_KD]_sSEED)")
+    p.add_argument("--resume", metavar="{PATH,auto}", help="continue from a checkpoint; auto: OUT/last.pt if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds a run, deleting its last.pt, best.pt and log.jsonl")
+    p.add_argument("--val-every", type=int, help=f"validate every N iterations (and at the end); {per_dataset}")
+    p.add_argument("--save-every", type=int, help=f"write OUT/last.pt every N iterations; {per_dataset}")
+    p.add_argument("--log-every", type=int, default=20,
+                   help="reduce and log the losses every N iterations (default: %(default)s)")
+    p.add_argument("--workers", type=int, help=f"data loading processes per rank; {per_dataset}")
+    return p
+
+
+def add_distillation_flags(p):
+    """--kd and the flags of its loss, one to one FCKDLoss's keyword arguments (loss_settings)."""
     p.add_argument("--kd", choices=("fckd", "kd", "cwd"), help="distillation loss (default: fckd with a teacher)")
     p.add_argument("--fckd-condense", choices=CONDENSE_MODES, default="hard", help="default: %(default)s")
     p.add_argument("--fckd-threshold", type=float, default=DEFAULT_THRESHOLD,
@@ -127,24 +150,13 @@ def parse_args(argv=None):
                    help="weight of the spatial loss, fckd and kd (default: %(default)s)")
     p.add_argument("--lambda-channel", type=float, default=3.0,
                    help="weight of the channel loss, fckd and cwd (default: %(default)s)")
-    p.add_argument("--iters", type=int, help=f"training iterations; {per_dataset}")
-    p.add_argument("--batch-size", type=int, help=f"global batch size, split over the ranks; {per_dataset}")
-    p.add_argument("--crop-size", type=int, nargs="+", metavar="SIZE", help=f"training crop, H or H W; {per_dataset}")
-    p.add_argument("--lr", type=float, help=f"base learning rate; {per_dataset}")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="default: %(default)s")
-    p.add_argument("--amp", choices=("bf16", "fp16", "off"), help="autocast dtype (default: bf16 on CUDA, off on CPU)")
-    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    p.add_argument("--out", help="output folder (default: runs/DATASET_MODEL[_KD]_sSEED)")
-    p.add_argument("--resume", metavar="{PATH,auto}", help="continue from a checkpoint; auto: OUT/last.pt if it exists")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out that holds a run, deleting its last.pt, best.pt and log.jsonl")
-    p.add_argument("--val-every", type=int, help=f"validate every N iterations (and at the end); {per_dataset}")
-    p.add_argument("--save-every", type=int, help=f"write OUT/last.pt every N iterations; {per_dataset}")
-    p.add_argument("--log-every", type=int, default=20,
-                   help="reduce and log the losses every N iterations (default: %(default)s)")
-    p.add_argument("--workers", type=int, help=f"data loading processes per rank; {per_dataset}")
-    args = p.parse_args(argv)
 
+
+def parse_args(argv=None):
+    """The flags, with DATASET_DEFAULTS for those left unset; argparse's usage error (exit 2) for
+    flags that do not go together and for numbers outside NUMBER_RULES."""
+    p = build_parser()
+    args = p.parse_args(argv)
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -162,8 +174,6 @@ def parse_args(argv=None):
         p.error(f"--crop-size must be at least {MIN_CROP} pixels a side, got {' '.join(map(str, args.crop_size))}")
     if args.kd and not args.teacher_ckpt:
         p.error(f"--kd {args.kd} needs a teacher: pass --teacher-ckpt PATH")
-    if args.teacher and not args.teacher_ckpt:
-        p.error("--teacher names the architecture of --teacher-ckpt; pass the checkpoint too")
     if args.teacher_ckpt and not args.kd:
         args.kd = "fckd"
     if args.overwrite and args.resume:
@@ -494,21 +504,111 @@ def check_finite_model(model, iteration, last_path, saved_iteration):
     finite. Called before each save: one fused check and one host sync there, none in between."""
     bad = non_finite_tensors(model.state_dict())
     if all_reduce(torch.tensor(len(bad), device=next(model.parameters()).device)).item():
-        where = f"{len(bad)} tensors of the model ({listing(bad)})" if bad else "the model on another rank"
+        where = f"{len(bad)} tensors of the model ({listing(bad, 3)})" if bad else "the model on another rank"
         raise FloatingPointError(f"iteration {iteration} left NaN or inf in {where}; training stopped "
                                  f"({last_good(last_path, saved_iteration)}, the last good state)")
 
 
 # -----------------------------------------------------------------------------
-# checkpoints and validation
+# the pieces of train(): data, teacher, resuming, checkpoints and validation
 
 
-def checkpoint_state(args, model, optimizer, scaler, world_size, num_classes, model_options, **progress):
-    """What last.pt and best.pt hold. progress: iteration, best_miou, best_iteration,
-    unlabelled_batches, val_pending (saved before its validation, which a resume then does first)."""
+def use_fast_cuda_kernels():
+    """cuDNN autotuning (every crop has the same size, so the search pays off) and TF32 matmuls."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def training_data(args, rank, world_size, cuda):
+    """(train_set, val_set, sampler, loader, batches_per_epoch): this rank's share of the
+    shuffled training batches, in an order a resumed run can pick up (ResumableSampler,
+    SeededSamples). The real sets' val images are all decoded first, so that a bad file stops
+    the run now and not at the first validation."""
+    batch_per_rank = args.batch_size // world_size
+    options = synthetic_options(args.dataset, args.synthetic_length, args.synthetic_size)
+    image_scale = args.image_scale or 1.0
+    train_set = build_dataset(args.dataset, args.data_root, "train", train=True, crop_size=args.crop_size,
+                              image_scale=image_scale, **options)
+    val_set = build_dataset(args.dataset, args.data_root, "val", train=False, image_scale=image_scale, **options)
+    batches_per_epoch = len(train_set) // world_size // batch_per_rank
+    if batches_per_epoch == 0:
+        raise ValueError(f"the {args.dataset} train split has {len(train_set)} images, fewer than the "
+                         f"global batch size {args.batch_size}")
+    if args.dataset != "synthetic":  # the synthetic scenes are generated, not read
+        decode_split(val_set, args.workers, rank, world_size, f"{args.dataset} val")
+    sampler = ResumableSampler(train_set, world_size, rank, args.seed)
+    loader = DataLoader(SeededSamples(train_set, args.seed), batch_size=batch_per_rank, sampler=sampler,
+                        num_workers=args.workers, pin_memory=cuda, drop_last=True,
+                        persistent_workers=args.workers > 0, worker_init_fn=quiet_on_stop_signals,
+                        generator=torch.Generator())  # its own generator: iter(loader) leaves the global RNG alone
+    return train_set, val_set, sampler, loader, batches_per_epoch
+
+
+def seeded_student(args, num_classes, rank):
+    """(model, model_options): the student, with the same initial weights on every rank; the RNG
+    is then seeded per rank, so that the ranks draw different dropout masks."""
+    seed_everything(args.seed)
+    model_options = {"width": args.width, "output_stride": args.output_stride, "head_channels": None}
+    model = build_model(args.model, num_classes, args.pretrained_backbone, **model_options)
+    seed_everything(args.seed + rank)
+    return model, model_options
+
+
+def frozen_teacher(args, num_classes, device):
+    """(teacher, distill) for --teacher-ckpt: the net and weights of its checkpoint, frozen, in
+    eval mode, on `device`, and the --kd loss; (None, None) without a teacher."""
+    if not args.teacher_ckpt:
+        return None, None
+    teacher, checkpoint = model_from_checkpoint(args.teacher_ckpt)
+    check_num_classes(checkpoint, f"teacher checkpoint {args.teacher_ckpt}", args.dataset, num_classes)
+    teacher.requires_grad_(False).eval().to(device, memory_format=memory_format(device))
+    return teacher, distillation(args.kd, loss_settings(args))
+
+
+def checkpoint_to_resume(args, num_classes, model_options, device, world_size):
+    """(path, checkpoint) that --resume names (auto: OUT/last.pt when it exists), or (None, None)
+    for a fresh start. ValueError unless every rank sees OUT/last.pt or none does, and unless the
+    checkpoint holds this run's net (--model, model_options) for this run's data, at an iteration
+    no later than --iters."""
+    path = args.resume
+    if path == "auto":
+        last_path = os.path.join(args.out, "last.pt")
+        path = last_path if os.path.exists(last_path) else None
+        resuming = all_reduce(torch.tensor(int(path is not None), device=device)).item()
+        if 0 < resuming < world_size:  # every rank loads last.pt: they must all see it
+            raise ValueError(f"{last_path} exists on {resuming} of {world_size} ranks only; put --out on a "
+                             "filesystem that every node shares, or pass --resume PATH with a copy on each node")
+    if not path:
+        return None, None
+    checkpoint = load_checkpoint(path)
+    trained = tuple(checkpoint[key] for key in ("dataset", "model_name", "num_classes", "model_options"))
+    if trained != (args.dataset, args.model, num_classes, model_options):
+        raise ValueError(f"cannot resume from {path}: it holds {trained[1]} {trained[3]} for {trained[0]} "
+                         f"({trained[2]} classes), this run trains {args.model} {model_options} for "
+                         f"{args.dataset} ({num_classes} classes)")
+    if checkpoint["iteration"] > args.iters:
+        raise ValueError(f"cannot resume from {path}: it is at iteration {checkpoint['iteration']}, "
+                         f"beyond --iters {args.iters}")
+    return path, checkpoint
+
+
+def restore(checkpoint, optimizer, scaler, rank):
+    """Put the optimiser, the loss scaler and this rank's RNG states back as `checkpoint` holds
+    them; returns the run's progress there (the keys of FRESH_PROGRESS)."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
+    return {key: checkpoint[key] for key in FRESH_PROGRESS}
+
+
+def checkpoint_state(args, model, optimizer, scaler, world_size, num_classes, model_options, progress):
+    """What last.pt and best.pt hold: the keys of utils.CHECKPOINT_KEYS. progress: the keys of
+    FRESH_PROGRESS (val_pending: saved before its validation, which a resume then does first)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "args": vars(args), "rng": all_rng_states(world_size), "num_classes": num_classes,
-            "dataset": args.dataset, "model_name": args.model, "model_options": model_options, **progress}
+            "dataset": args.dataset, "model_name": args.model, "model_options": model_options,
+            **{key: progress[key] for key in FRESH_PROGRESS}}
 
 
 def validate_and_save(model, val_set, device, amp, world_size, state, out, log, bar):
@@ -538,6 +638,13 @@ def validate_and_save(model, val_set, device, amp, world_size, state, out, log, 
     return miou
 
 
+def append_log(log_path, record):
+    """One JSON line in log.jsonl, on rank 0."""
+    if is_main():
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -554,100 +661,36 @@ def main(argv=None):
 def train(args, rank, world_size, device, stop):
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
-    batch_per_rank = args.batch_size // world_size
     cuda = device.type == "cuda"
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
     amp = resolve_amp(args.amp, device)
     if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        use_fast_cuda_kernels()
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
     log_path = os.path.join(args.out, "log.jsonl")
+    log = functools.partial(append_log, log_path)
     # the ranks agree on stopping every step: over gloo, on the CPU, also when NCCL carries the rest
     stop_group = dist.new_group(backend="gloo") if world_size > 1 and cuda else None
 
-    # data
-    options = synthetic_options(args.dataset, args.synthetic_length, args.synthetic_size)
-    image_scale = args.image_scale or 1.0
-    train_set = build_dataset(args.dataset, args.data_root, "train", train=True, crop_size=args.crop_size,
-                              image_scale=image_scale, **options)
-    val_set = build_dataset(args.dataset, args.data_root, "val", train=False, image_scale=image_scale, **options)
+    train_set, val_set, sampler, loader, batches_per_epoch = training_data(args, rank, world_size, cuda)
     num_classes = train_set.num_classes
-    batches_per_epoch = len(train_set) // world_size // batch_per_rank
-    if batches_per_epoch == 0:
-        raise ValueError(f"the {args.dataset} train split has {len(train_set)} images, fewer than the "
-                         f"global batch size {args.batch_size}")
-    if args.dataset != "synthetic":  # the synthetic scenes are generated, not read
-        decode_split(val_set, args.workers, rank, world_size, f"{args.dataset} val")
-    sampler = ResumableSampler(train_set, world_size, rank, args.seed)
-    loader = DataLoader(SeededSamples(train_set, args.seed), batch_size=batch_per_rank, sampler=sampler,
-                        num_workers=args.workers, pin_memory=cuda, drop_last=True,
-                        persistent_workers=args.workers > 0, worker_init_fn=quiet_on_stop_signals,
-                        generator=torch.Generator())  # its own generator: iter(loader) leaves the global RNG alone
-
-    # teacher: architecture and weights from its checkpoint, frozen
-    teacher = distill = None
-    if args.teacher_ckpt:
-        teacher, teacher_checkpoint = model_from_checkpoint(args.teacher_ckpt, args.teacher)
-        if teacher_checkpoint["num_classes"] != num_classes:
-            raise ValueError(f"teacher checkpoint {args.teacher_ckpt} predicts {teacher_checkpoint['num_classes']} "
-                             f"classes, the {args.dataset} set has {num_classes}")
-        teacher.requires_grad_(False).eval().to(device, memory_format=memory_format)
-        distill = distillation(args.kd, loss_settings(args))
-
-    # student (same initial weights on every rank; dropout masks differ per rank)
-    seed_everything(args.seed)
-    model_options = {"width": args.width, "output_stride": args.output_stride, "head_channels": None}
-    model = build_model(args.model, num_classes, args.pretrained_backbone, **model_options)
-    seed_everything(args.seed + rank)
-
-    resume_path = args.resume
-    if resume_path == "auto":
-        resume_path = last_path if os.path.exists(last_path) else None
-        resuming = all_reduce(torch.tensor(int(resume_path is not None), device=device)).item()
-        if 0 < resuming < world_size:  # every rank loads last.pt: they must all see it
-            raise ValueError(f"{last_path} exists on {resuming} of {world_size} ranks only; put --out on a "
-                             "filesystem that every node shares, or pass --resume PATH with a copy on each node")
-    checkpoint = None
-    if resume_path:
-        checkpoint = load_checkpoint(resume_path)
-        trained = tuple(checkpoint[key] for key in ("dataset", "model_name", "num_classes", "model_options"))
-        if trained != (args.dataset, args.model, num_classes, model_options):
-            raise ValueError(f"cannot resume from {resume_path}: it holds {trained[1]} {trained[3]} for {trained[0]} "
-                             f"({trained[2]} classes), this run trains {args.model} {model_options} for "
-                             f"{args.dataset} ({num_classes} classes)")
-        if checkpoint["iteration"] > args.iters:
-            raise ValueError(f"cannot resume from {resume_path}: it is at iteration {checkpoint['iteration']}, "
-                             f"beyond --iters {args.iters}")
+    teacher, distill = frozen_teacher(args, num_classes, device)
+    model, model_options = seeded_student(args, num_classes, rank)
+    resume_path, checkpoint = checkpoint_to_resume(args, num_classes, model_options, device, world_size)
+    if checkpoint is not None:
         load_state(model, checkpoint["model"], resume_path)
-
     if world_size > 1 and cuda:  # SyncBatchNorm needs CUDA; on CPU (gloo) each rank keeps its own BN statistics
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device, memory_format=memory_format)
+    model.to(device, memory_format=memory_format(device))
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
-    start, best_miou, best_iteration, unlabelled_batches, val_pending = 0, None, None, 0, False
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start, best_miou = checkpoint["iteration"], checkpoint["best_miou"]
-        best_iteration = checkpoint.get("best_iteration")
-        unlabelled_batches = checkpoint.get("unlabelled_batches", 0)
-        val_pending = checkpoint.get("val_pending", False)
-        set_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
+    progress = restore(checkpoint, optimizer, scaler, rank) if checkpoint is not None else dict(FRESH_PROGRESS)
+    start = progress["iteration"]
     train_model = model
     if world_size > 1:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-
     if is_main():
-        print(("resuming from " + resume_path + f" at iteration {start}") if checkpoint else f"training {args.out}")
-        cut_log(log_path, start, val_pending)
-
-    def log(record):
-        if is_main():
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        print(f"resuming from {resume_path} at iteration {start}" if checkpoint else f"training {args.out}")
+        cut_log(log_path, start, progress["val_pending"])
 
     # the loop: losses stay on the device and are reduced every --log-every iterations, so the
     # host never waits for the device in between
@@ -659,12 +702,10 @@ def train(args, rank, world_size, device, stop):
     timer = time.perf_counter()
     with tqdm(total=args.iters, initial=start, disable=not is_main(), dynamic_ncols=True,
               desc=os.path.basename(args.out)) as bar:
-        if val_pending:  # the validation that the interrupted run saved before and did not finish
-            state = checkpoint_state(args, model, optimizer, scaler, world_size, num_classes, model_options,
-                                     iteration=start, best_miou=best_miou, best_iteration=best_iteration,
-                                     unlabelled_batches=unlabelled_batches, val_pending=True)
+        if progress["val_pending"]:  # the validation that the interrupted run saved before and did not finish
+            state = checkpoint_state(args, model, optimizer, scaler, world_size, num_classes, model_options, progress)
             last_miou = validate_and_save(model, val_set, device, amp, world_size, state, args.out, log, bar)
-            best_miou, best_iteration = state["best_miou"], state["best_iteration"]
+            progress.update(best_miou=state["best_miou"], best_iteration=state["best_iteration"])
         while iteration < args.iters:
             batch = next_batch(data, stop, world_size)
             if batch is not None:  # None: stopped by a signal before this step (no step, no validation)
@@ -672,7 +713,7 @@ def train(args, rank, world_size, device, stop):
                 lr = poly_lr(args.lr, iteration, args.iters)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                images = images.to(device, non_blocking=True, memory_format=memory_format)
+                images = images.to(device, non_blocking=True, memory_format=memory_format(device))
                 labels = labels.to(device, non_blocking=True)
                 with autocast(device, amp):
                     losses = train_losses(train_model, images, labels, teacher, distill)
@@ -704,7 +745,7 @@ def train(args, rank, world_size, device, stop):
                 empty = all_reduce(unlabelled).item()
                 if empty:  # logged where it happened; such a batch adds 0 to the cross-entropy
                     record["unlabelled_batches"] = empty
-                    unlabelled_batches += empty
+                    progress["unlabelled_batches"] += empty
                     unlabelled.zero_()
                 log(record)
                 bar.set_postfix_str(" ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "iter"))
@@ -712,9 +753,9 @@ def train(args, rank, world_size, device, stop):
 
             if save:  # before the validation: a failure there loses no training
                 check_finite_model(model, iteration, last_path, saved_iteration)
+                progress.update(iteration=iteration, val_pending=validate)
                 state = checkpoint_state(args, model, optimizer, scaler, world_size, num_classes, model_options,
-                                         iteration=iteration, best_miou=best_miou, best_iteration=best_iteration,
-                                         unlabelled_batches=unlabelled_batches, val_pending=validate)
+                                         progress)
                 if is_main():
                     save_checkpoint(state, last_path)
                 saved_iteration = iteration
@@ -723,13 +764,13 @@ def train(args, rank, world_size, device, stop):
                                   f"{last_path} holds it: continue with --resume auto", signum)
             if validate:
                 last_miou = validate_and_save(model, val_set, device, amp, world_size, state, args.out, log, bar)
-                best_miou, best_iteration = state["best_miou"], state["best_iteration"]
+                progress.update(best_miou=state["best_miou"], best_iteration=state["best_iteration"])
             if save or iteration % args.log_every == 0:
                 timer = time.perf_counter()  # throughput counts training steps only
     if is_main():
-        print(json.dumps({"out": args.out, "iterations": iteration, "best_mIoU": best_miou,
-                          "best_iteration": best_iteration, "last_mIoU": last_miou, "best_checkpoint": best_path,
-                          "unlabelled_batches": unlabelled_batches}))
+        print(json.dumps({"out": args.out, "iterations": iteration, "best_mIoU": progress["best_miou"],
+                          "best_iteration": progress["best_iteration"], "last_mIoU": last_miou,
+                          "best_checkpoint": best_path, "unlabelled_batches": progress["unlabelled_batches"]}))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from data import IGNORE_INDEX, build_dataset
-from models import build_model
+from data import IGNORE_INDEX, build_dataset, synthetic_options
+from models import build_model, listing, load_torch_file, load_weights
 
 # -----------------------------------------------------------------------------
 # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them we are one process
@@ -63,25 +63,21 @@ def all_reduce(tensor, op=dist.ReduceOp.SUM):
 
 
 def resolve_amp(amp, device):
-    """--amp default: bf16 on CUDA, off elsewhere (on a 2-core x86 CPU, bf16 autocast trained the
-    small student about 7x slower than fp32)."""
+    """--amp default: bf16 on CUDA, off elsewhere (on a CPU bf16 autocast is slower than fp32; README)."""
     if amp is None:
         return "bf16" if device.type == "cuda" else "off"
     return amp
+
+
+def memory_format(device):
+    """channels_last on CUDA, where cuDNN's convolutions are fastest in it; the default layout elsewhere."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def autocast(device, amp):
     """The autocast context for --amp {bf16, fp16, off}."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def synthetic_options(dataset, length=None, image_size=None):
-    """build_dataset's options for the synthetic set (--synthetic-length, --synthetic-size);
-    the real sets take none."""
-    if dataset != "synthetic":
-        return {}
-    return {key: value for key, value in (("length", length), ("image_size", image_size)) if value is not None}
 
 
 def exit_worker(signum, frame):
@@ -267,7 +263,6 @@ def evaluate(model, dataset, device, amp="off", scales=(1.0,), flip=False, windo
     loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=workers, pin_memory=device.type == "cuda",
                         worker_init_fn=quiet_on_stop_signals,
                         generator=torch.Generator())  # leaves the global RNG, and so training, as it was
-    channels_last = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     was_training, benchmark = model.training, torch.backends.cudnn.benchmark
     model.eval()
     torch.backends.cudnn.benchmark = False  # whole images differ in size: autotuning every new shape costs more
@@ -276,7 +271,7 @@ def evaluate(model, dataset, device, amp="off", scales=(1.0,), flip=False, windo
         progress = tqdm(zip(indices, loader), total=len(indices), desc="evaluating", leave=False,
                         disable=not (progress and is_main()), dynamic_ncols=True)
         for index, (image, label) in progress:
-            image = image.to(device, non_blocking=True, memory_format=channels_last)
+            image = image.to(device, non_blocking=True, memory_format=memory_format(device))
             label = label.to(device, non_blocking=True)
             with autocast(device, amp):
                 probabilities = predict(model, image, scales, flip, window, label.shape[-2:])
@@ -296,8 +291,15 @@ def evaluate(model, dataset, device, amp="off", scales=(1.0,), flip=False, windo
 # -----------------------------------------------------------------------------
 # checkpoints
 
+# Every key of a checkpoint, as train.checkpoint_state writes them: the run's net, data and
+# settings, its optimiser and RNG states, and its progress (FRESH_PROGRESS's keys).
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "iteration", "args", "rng", "best_miou", "num_classes",
-                   "dataset", "model_name", "model_options")
+                   "dataset", "model_name", "model_options", "best_iteration", "unlabelled_batches", "val_pending")
+# a run's progress when it starts: iteration 0, no validation yet, nothing pending
+FRESH_PROGRESS = {"iteration": 0, "best_miou": None, "best_iteration": None, "unlabelled_batches": 0,
+                  "val_pending": False}
+# progress that train.py began to record later: a checkpoint without it had none of it (load_checkpoint)
+ADDED_KEYS = ("best_iteration", "unlabelled_batches", "val_pending")
 TEMPORARY = ".{name}.tmp{pid}"  # atomic_write's temporary file next to OUT/name
 
 
@@ -371,27 +373,23 @@ def load_checkpoint(path):
     """Read a checkpoint written by train.py onto the CPU; returns it without its "sha256".
 
     FileNotFoundError naming the path if it does not exist; ValueError naming the file if it is
-    not a torch file, lacks any of CHECKPOINT_KEYS, or its contents do not match the SHA-256
-    stored in it (damaged bytes: torch.load itself checks none). Checkpoints written before the
-    SHA-256 was stored load unchecked. Loaded with weights_only=True: a checkpoint is data
-    (tensors, numbers, strings), never code.
+    not a torch file, lacks any of CHECKPOINT_KEYS but ADDED_KEYS (filled in from FRESH_PROGRESS), or
+    its contents do not match the SHA-256 stored in it (damaged bytes: torch.load itself checks
+    none). Checkpoints written before the SHA-256 was stored load unchecked.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    checkpoint = load_torch_file(path, "checkpoint")
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} is not a train.py checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
     stored = checkpoint.pop("sha256", None)
     if stored is not None and payload_sha256(checkpoint) != stored:
         raise ValueError(f"{path} is damaged: its contents do not match the SHA-256 stored in it; "
                          "use another checkpoint (e.g. best.pt or a copy)")
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint and key not in ADDED_KEYS]
     if missing:
         raise ValueError(f"{path} is not a train.py checkpoint: it lacks {', '.join(missing)}")
+    for key in ADDED_KEYS:  # a checkpoint of an earlier train.py
+        checkpoint.setdefault(key, FRESH_PROGRESS[key])
     return checkpoint
 
 
@@ -404,44 +402,34 @@ def non_finite_tensors(state):
     return [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
-def listing(names, shown=3):
-    """'a, b, c, ...' of the first `shown` names."""
-    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
-
-
 def load_state(model, state, path, what="the model"):
-    """model.load_state_dict(state), with a one-line ValueError naming the file and the first
-    missing, unexpected and mis-shaped keys when the weights do not fit, or the tensors that hold
-    NaN or inf (a diverged run's weights must not be resumed, distilled from or scored)."""
+    """model.load_state_dict(state), with a one-line ValueError naming the file and the tensors
+    that hold NaN or inf (a diverged run's weights must not be resumed, distilled from or scored),
+    or, when the weights do not fit, the missing, unexpected and mis-shaped keys (models.load_weights)."""
     bad = non_finite_tensors(state)
     if bad:
-        raise ValueError(f"{path} holds NaN or inf in {len(bad)} tensors ({listing(bad)}); "
+        raise ValueError(f"{path} holds NaN or inf in {len(bad)} tensors ({listing(bad, 3)}); "
                          "use an earlier checkpoint")
-    expected = model.state_dict()
-    problems = {
-        "missing": [key for key in expected if key not in state],
-        "unexpected": [key for key in state if key not in expected],
-        "mis-shaped": [f"{key} {tuple(value.shape)} (model {tuple(expected[key].shape)})"
-                       for key, value in state.items() if key in expected and value.shape != expected[key].shape],
-    }
-    if any(problems.values()):
-        found = "; ".join(f"{len(keys)} {kind} keys: {listing(keys)}" for kind, keys in problems.items() if keys)
-        raise ValueError(f"the weights in {path} do not fit {what}: {found}")
-    model.load_state_dict(state)
+    load_weights(model, state, f"the weights in {path} do not fit {what}")
 
 
-def model_from_checkpoint(path, name=None):
-    """(model, checkpoint): the net a checkpoint describes, with its weights, on the CPU.
-
-    The architecture comes from the checkpoint (model_name, num_classes, model_options); `name`
-    overrides the architecture name, and ValueError says so if the weights do not fit it.
-    """
+def model_from_checkpoint(path):
+    """(model, checkpoint): the net a checkpoint describes (model_name, num_classes,
+    model_options), with its weights, on the CPU."""
     checkpoint = load_checkpoint(path)
-    name = name or checkpoint["model_name"]
+    name = checkpoint["model_name"]
     model = build_model(name, checkpoint["num_classes"], **checkpoint["model_options"])
     load_state(model, checkpoint["model"], path,
                f"{name} with {checkpoint['num_classes']} classes and options {checkpoint['model_options']}")
     return model, checkpoint
+
+
+def check_num_classes(checkpoint, what, dataset_name, num_classes):
+    """ValueError "{what} predicts K classes, the {dataset_name} set has N" unless the net of
+    `checkpoint` predicts the set's num_classes; what names the checkpoint ("teacher checkpoint PATH")."""
+    if checkpoint["num_classes"] != num_classes:
+        raise ValueError(f"{what} predicts {checkpoint['num_classes']} classes, the {dataset_name} set has "
+                         f"{num_classes}")
 
 
 def dataset_from_checkpoint(checkpoint, split, name=None, data_root=None, image_scale=None):

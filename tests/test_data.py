@@ -219,31 +219,7 @@ def test_the_synthetic_set_takes_no_image_scale():
 
 
 # -----------------------------------------------------------------------------
-# synthetic scenes
-
-def test_synthetic_is_deterministic_and_differs_across_splits_and_seeds():
-    val = data.build_dataset("synthetic", None, "val", train=False, image_size=48)
-    again = data.build_dataset("synthetic", None, "val", train=False, image_size=48)
-    train = data.build_dataset("synthetic", None, "train", train=False, image_size=48)
-    other_seed = data.build_dataset("synthetic", None, "val", train=False, image_size=48, seed=1)
-    assert (len(train), len(val)) == (data.SYNTHETIC_LENGTH["train"], data.SYNTHETIC_LENGTH["val"])
-    for i in range(3):
-        image, label = val[i]
-        assert image.shape == (3, 48, 48) and label.shape == (48, 48) and label.dtype == torch.int64
-        assert torch.equal(image, again[i][0]) and torch.equal(label, again[i][1])
-        assert not torch.equal(image, train[i][0])
-        assert not torch.equal(image, other_seed[i][0])
-
-
-def test_synthetic_labels_in_range_and_every_class_drawn():
-    dataset = data.build_dataset("synthetic", None, "train", train=False, length=60)
-    counts = torch.zeros(dataset.num_classes, dtype=torch.long)
-    for _, label in dataset:
-        assert label.min() >= 0 and label.max() < dataset.num_classes
-        counts += torch.bincount(label.flatten(), minlength=dataset.num_classes)
-    assert (counts > 0).all(), dict(zip(dataset.class_names, counts.tolist()))
-    assert len(dataset.palette) == len(dataset.class_names) == dataset.num_classes
-
+# the synthetic set (its scenes: tests/test_scenes.py)
 
 def test_synthetic_training_items_have_the_crop_size():
     dataset = data.build_dataset("synthetic", None, "train", train=True, crop_size=(40, 64), image_size=48)

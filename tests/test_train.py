@@ -76,7 +76,7 @@ def test_training_writes_checkpoints_log_and_a_final_json_summary(tmp_path, caps
     ckpt = run(tmp_path, "--iters", 3, "--val-every", 2)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
-    assert set(CHECKPOINT_KEYS) <= set(ckpt)
+    assert set(ckpt) == set(CHECKPOINT_KEYS)  # train.checkpoint_state writes every key, and no other
     assert ckpt["iteration"] == 3 and ckpt["num_classes"] == NUM_CLASSES and ckpt["dataset"] == "synthetic"
     assert ckpt["model_name"] == "deeplabv3_resnet18"
     assert ckpt["model_options"] == {"width": 0.125, "output_stride": 8, "head_channels": None}
@@ -287,12 +287,6 @@ def test_teacher_with_the_wrong_class_count_is_refused(tmp_path, capsys):
                      "model_name": "deeplabv3_resnet18", "model_options": options}, path)
     err = cli_error(capsys, TINY + ["--out", str(tmp_path / "s"), "--teacher-ckpt", str(path)])
     assert err.startswith("error: teacher checkpoint") and f"predicts 4 classes, the synthetic set has {NUM_CLASSES}" in err
-
-
-def test_teacher_architecture_override_that_does_not_fit_is_refused(tmp_path, capsys, teacher_ckpt):
-    err = cli_error(capsys, TINY + ["--out", str(tmp_path), "--teacher-ckpt", teacher_ckpt,
-                                    "--teacher", "deeplabv3_resnet18"])
-    assert err.startswith(f"error: the weights in {teacher_ckpt} do not fit deeplabv3_resnet18")
 
 
 def test_missing_checkpoints_are_named(tmp_path, capsys):

@@ -220,8 +220,10 @@ def test_model_from_checkpoint_builds_the_saved_architecture_and_rejects_a_wrong
     model, loaded = model_from_checkpoint(path)
     assert model.classifier.out_channels == 4 and loaded["model_name"] == "deeplabv3_resnet50"
     assert all(torch.equal(model.state_dict()[k], v) for k, v in checkpoint["model"].items())
-    with pytest.raises(ValueError, match="teacher.pt do not fit deeplabv3_resnet18"):
-        model_from_checkpoint(path, "deeplabv3_resnet18")
+    wrong = tmp_path / "wrong_teacher.pt"  # a ResNet-50's weights under the name of a ResNet-18
+    save_checkpoint(checkpoint | {"model_name": "deeplabv3_resnet18"}, wrong)
+    with pytest.raises(ValueError, match="wrong_teacher.pt do not fit deeplabv3_resnet18"):
+        model_from_checkpoint(wrong)
 
 
 def test_run_cli_turns_input_errors_into_one_line_and_exit_status_2(capsys):
