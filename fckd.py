@@ -60,7 +60,7 @@ CONDENSE_MODES = ("hard", "soft", "none")
 APPLY_MODES = ("multiply", "mask")
 SIMILARITIES = ("dot", "cosine")
 ENHANCE_DIMS = ("spatial", "channel")
-# Defaults of the choices that the spec leaves to validation evidence (README, "Choosing the defaults").
+# Defaults of the choices that the spec leaves to validation evidence (README, "Revision 2").
 DEFAULT_THRESHOLD = 0.7
 DEFAULT_APPLY = "mask"
 DEFAULT_SIMILARITY = "cosine"

@@ -264,7 +264,7 @@ def init_weights(model):
     (torchvision's zero_init_residual, Goyal et al. 2017), so that each block starts as the
     identity. That last part matters only when training from scratch (ImageNet weights overwrite
     it); there it is what lets the bigger synthetic-set teacher pull ahead of the student within the
-    quick-start budget (see README, "Synthetic set"). A backbone from torchvision's zoo keeps the
+    quick-start budget (see README, "The synthetic set"). A backbone from torchvision's zoo keeps the
     init its torchvision builder gave it.
     """
     zoo = set() if isinstance(model.backbone, ResNet) else set(model.backbone.modules())

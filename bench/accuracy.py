@@ -76,7 +76,7 @@ ABLATION = {  # FCKD with one part changed; "fckd" is FCKDLoss's defaults (hard 
 }
 
 
-# Revision 2's screen (README, "Choosing the defaults"): the FCKD readings, as FCKDLoss keyword
+# Revision 2's screen (README, "Revision 2: the candidates and the rule"): the FCKD readings, as FCKDLoss keyword
 # arguments, and the rule were written down before the runs. bench/fckd_targets.py measures what
 # each reading does to the teacher's targets.
 READINGS = {
