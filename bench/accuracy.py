@@ -5,7 +5,8 @@
     python bench/accuracy.py --table screen --jobs 2    # revision 2's candidates and their ablation rows
     python bench/accuracy.py --setting camvid         # CamVid in data/camvid: R101 teacher, R18 students (GPU)
     python bench/accuracy.py --setting camvid-cpu --table finalists --jobs 2 -- --data-root ../shared/camvid
-                                                      # CamVid at half scale on a 2-core CPU: about 90 minutes
+                                                      # CamVid at half scale on a 2-core CPU: 95-190 minutes
+    python bench/accuracy.py --table ablation --rows baseline "fckd soft" --jobs 2   # a part of a table
     python bench/accuracy.py -- --amp off             # everything after -- goes to every train.py run
 
 Trains the teacher once (seed 0), and every student with --seed s, each with train.py at the
@@ -205,6 +206,8 @@ def main(argv=None):
     parser.add_argument("--table", choices=TABLES, default="methods",
                         help="methods: baseline, KD, CWD, FCKD; ablation: FCKD's parts; screen: revision 2's "
                              "candidates (default: %(default)s)")
+    parser.add_argument("--rows", nargs="+", metavar="NAME",
+                        help="only these rows of the table (default: all); the teacher is always trained")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default: %(default)s)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "accuracy"), help="default: runs/accuracy")
@@ -212,6 +215,13 @@ def main(argv=None):
     args = parser.parse_args(own)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    variants = TABLES[args.table]
+    unknown = [name for name in args.rows or () if name not in variants]
+    if unknown:
+        parser.error(f"--rows: {', '.join(map(repr, unknown))} not in --table {args.table}, whose rows are "
+                     f"{', '.join(map(repr, variants))}")
+    if args.rows:
+        variants = {name: flags for name, flags in variants.items() if name in args.rows}
     setting = SETTINGS[args.setting]
     out = Path(args.runs) / args.setting
     # split the CPU threads between parallel runs instead of letting each take them all
@@ -221,7 +231,6 @@ def main(argv=None):
 
     teacher_args = [*setting["common"], *setting["teacher"], *extra]
     teacher_ckpt = str(run_dir(out, "teacher", 0) / "last.pt")
-    variants = TABLES[args.table]
     jobs = [(name, seed, [*setting["common"], *setting["student"], *extra,
                           *(["--teacher-ckpt", teacher_ckpt, *flags] if flags else [])])
             for name, flags in variants.items() for seed in args.seeds]

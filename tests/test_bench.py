@@ -4,6 +4,7 @@ import json
 from unittest import mock
 import math
 
+import pytest
 import torch
 
 from bench import loss_speed
@@ -49,7 +50,7 @@ def test_accuracy_summary_statistics():
     assert "| kd | 42.00 +- 2.00 | 43.00 +- 2.00 | +1.00 | 40.00, 44.00, 42.00 |" in accuracy.format_table([row])
 
 
-def test_accuracy_runs_every_method_and_resumes(tmp_path):
+def test_accuracy_runs_every_method_and_resumes(tmp_path, capsys):
     from bench import accuracy
 
     tiny = ["--iters", "2", "--batch-size", "2", "--synthetic-length", "4", "--synthetic-size", "32",
@@ -67,6 +68,12 @@ def test_accuracy_runs_every_method_and_resumes(tmp_path):
     # finished runs are not run again: with their results removed from disk, the table cannot change
     (tmp_path / "runs" / "synthetic" / "kd_s0" / "last.pt").unlink()
     assert accuracy.main(argv) == rows
+    # --rows: a part of the table, from the same runs
+    assert accuracy.main(["--rows", "kd", "baseline", *argv]) == rows[:3]
+    assert [row["name"] for row in json.loads((tmp_path / "accuracy_synthetic.json").read_text())["rows"]] == names[:3]
+    with pytest.raises(SystemExit):
+        accuracy.main(["--rows", "kd", "fckd gamma 9", *argv])
+    assert "'fckd gamma 9' not in --table methods" in capsys.readouterr().err
 
 
 def test_screen_rows_train_exactly_the_readings_they_name():
