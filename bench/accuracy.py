@@ -5,7 +5,7 @@
     python bench/accuracy.py --table screen --jobs 2    # revision 2's candidates and their ablation rows
     python bench/accuracy.py --setting camvid         # CamVid in data/camvid: R101 teacher, R18 students (GPU)
     python bench/accuracy.py --setting camvid-cpu --table finalists --jobs 2 -- --data-root ../shared/camvid
-                                                      # CamVid at half scale, 2-core CPU: 170 min (README)
+                                                      # CamVid at half scale, 2-core CPU: about 170 min (README)
     python bench/accuracy.py --table ablation --rows baseline "fckd soft" --jobs 2   # a part of a table
     python bench/accuracy.py -- --amp off             # everything after -- goes to every train.py run
 
@@ -216,11 +216,11 @@ def main(argv=None):
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     variants = TABLES[args.table]
-    unknown = [name for name in args.rows or () if name not in variants]
-    if unknown:
-        parser.error(f"--rows: {', '.join(map(repr, unknown))} not in --table {args.table}, whose rows are "
-                     f"{', '.join(map(repr, variants))}")
     if args.rows:
+        unknown = [name for name in args.rows if name not in variants]
+        if unknown:
+            parser.error(f"--rows: {', '.join(map(repr, unknown))} not in --table {args.table}, whose rows are "
+                         f"{', '.join(map(repr, variants))}")
         variants = {name: flags for name, flags in variants.items() if name in args.rows}
     setting = SETTINGS[args.setting]
     out = Path(args.runs) / args.setting
