@@ -56,8 +56,8 @@ SETTINGS = {
     "camvid-cpu": {
         "common": ["--dataset", "camvid", "--image-scale", "0.5", "--crop-size", "128", "160", "--batch-size", "8",
                    "--lr", "0.1", "--workers", "0", "--save-every", "200", "--val-every", "100000"],
-        "teacher": ["--model", "deeplabv3_resnet18", "--width", "0.5", "--iters", "2400"],
-        "student": ["--model", "deeplabv3_resnet18", "--width", "0.25", "--iters", "800"],
+        "teacher": ["--model", "deeplabv3_resnet18", "--width", "0.5", "--iters", "1800"],
+        "student": ["--model", "deeplabv3_resnet18", "--width", "0.25", "--iters", "600"],
     },
 }
 METHODS = {"baseline": [], "kd": ["--kd", "kd"], "cwd": ["--kd", "cwd"], "fckd": ["--kd", "fckd"]}
@@ -141,12 +141,19 @@ def run(name, seed, train_args, out, threads):
     """Train (or finish training) and evaluate one run; returns its result dict (from result.json)."""
     directory = run_dir(out, name, seed)
     result_path = directory / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
-    directory.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     train_cmd = [sys.executable, "train.py", *train_args, "--seed", str(seed), "--out", str(directory),
                  "--resume", "auto"]
+    command = " ".join(["python", *train_cmd[1:]])
+    if result_path.exists():
+        result = json.loads(result_path.read_text())
+        # a finished run stands in for this one only if the same command made it (a setting edited since
+        # would otherwise put old numbers in the new table)
+        if result["train_command"] != command:
+            raise RuntimeError(f"{result_path} was made by another command:\n  {result['train_command']}\n"
+                               f"not this run's:\n  {command}\nmove {directory} away or pass another --runs")
+        return result
+    directory.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     eval_cmd = [sys.executable, "eval.py", "--ckpt", str(directory / "last.pt"), "--json", str(directory / "eval.json")]
     start = time.perf_counter()
     with open(directory / "output.log", "a") as log:
@@ -160,7 +167,7 @@ def run(name, seed, train_args, out, threads):
             if "keep_ratio" in r]
     result = {"mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"], "per_class": metrics["per_class"],
               "keep_ratio_last": keep[-1] if keep else None, "minutes": (time.perf_counter() - start) / 60,
-              "train_command": " ".join(["python", *train_cmd[1:]])}
+              "train_command": command}
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{directory.name}: mIoU {result['mIoU']:.2f} mAcc {result['mAcc']:.2f} "
           f"({result['minutes']:.1f} min)", flush=True)

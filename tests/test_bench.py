@@ -74,6 +74,9 @@ def test_accuracy_runs_every_method_and_resumes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         accuracy.main(["--rows", "kd", "fckd gamma 9", *argv])
     assert "'fckd gamma 9' not in --table methods" in capsys.readouterr().err
+    # a finished run made by another command (a setting edited since) is refused, not reused
+    with pytest.raises(RuntimeError, match="teacher_s0/result.json was made by another command"):
+        accuracy.main([*argv, "--lr", "0.02"])
 
 
 def test_screen_rows_train_exactly_the_readings_they_name():
