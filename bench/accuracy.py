@@ -5,7 +5,7 @@
     python bench/accuracy.py --table screen --jobs 2    # revision 2's candidates and their ablation rows
     python bench/accuracy.py --setting camvid         # CamVid in data/camvid: R101 teacher, R18 students (GPU)
     python bench/accuracy.py --setting camvid-cpu --table finalists --jobs 2 -- --data-root ../shared/camvid
-                                                      # CamVid at half scale, 2-core CPU: about 170 min (README)
+                                                      # CamVid at half scale, 2-core CPU: 132 min (README)
     python bench/accuracy.py --table ablation --rows baseline "fckd soft" --jobs 2   # a part of a table
     python bench/accuracy.py -- --amp off             # everything after -- goes to every train.py run
 
