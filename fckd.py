@@ -1,7 +1,7 @@
 """FCKD: feature condensation knowledge distillation for semantic segmentation.
 
 A reading of "FCKDNet: A Feature Condensation Knowledge Distillation Network for Semantic
-Segmentation" (Entropy 2023, 25(1), 125) as one loss, revision 2 of this project's spec. This
+Segmentation" (Entropy 2023, 25(1), 125) as one loss, revision 3 of this project's spec. This
 file imports nothing but torch and the standard library: copy it into any training loop.
 
 The paper's abstract fixes four steps; its equations were not available, so the formulas below
@@ -9,8 +9,11 @@ are this implementation's reading. Every part marked (choice) is a constructor a
 FCKDLoss and can be switched off or changed in an ablation.
 
 Inputs: student logits s (B x C x h x w) and teacher logits t (B x C x H x W), taken before
-upsampling. s is resized to H x W bilinearly if needed; t is a constant (no gradient). All
-arithmetic runs in float32, whatever dtype arrives and whether or not autocast is on.
+upsampling. s is resized to H x W bilinearly if needed; t is a constant (no gradient). With
+downsample=K > 1 both are first average-pooled (adaptive_avg_pool2d) to ceil(H/K) x ceil(W/K):
+for logits already upsampled to the input (torchvision's models), whose spatial attention would
+cost O((H W)^2). All arithmetic runs in float32, whatever dtype arrives and whether or not
+autocast is on.
 
 1. Pixel information entropy (paper: an entropy rule on the teacher's outputs)
        p = softmax_C(t),   Hn = -sum_c p_c log p_c / log C   in [0, 1],   B x 1 x H x W
@@ -19,6 +22,8 @@ arithmetic runs in float32, whatever dtype arrives and whether or not autocast i
        hard (default): M = [Hn <= threshold]     (choice: threshold)
        soft:           M = 1 - Hn                (choice)
        none:           M = 1
+       quantile:       M = 1 on the `keep` fraction of each image's pixels of lowest Hn (choice: keep):
+                       Hn <= the image's k-th smallest Hn, k = ceil(keep H W); ties at it are kept
 3. M is applied to the outputs of both nets (paper); how is a choice, `apply`:
        multiply (revision 1, the literal wording): X = M t, S = M s, every pixel counts below
        mask: X = t, S = s, and M weights the pixels: w = M enters every softmax over pixels as
@@ -40,8 +45,9 @@ arithmetic runs in float32, whatever dtype arrives and whether or not autocast i
        L_sp = tau_s^2 sum_{b,i} w_bi KL_bi / sum_{b,i} w_bi      (multiply: the mean over B H W)
        L_ch = tau_c^2 / (C * images that keep a pixel) sum_{b,c} KL(P_bc || Q_bc)   (multiply: / (B C))
        L_FCKD = lambda_s L_sp + lambda_c L_ch        defaults tau_s=1, lambda_s=1, tau_c=4, lambda_c=3
-   An image (or a batch) in which M keeps no pixel adds 0 and sends no gradient. A teacher pixel
-   with a non-finite logit is dropped (M = 0) in every mode.
+   An image (or a batch) in which M keeps no pixel adds 0 and sends no gradient (and FCKDLoss
+   warns once, the first time a whole batch keeps none). A teacher pixel with a non-finite logit
+   is dropped (M = 0) in every mode, and does not count in H W.
 
 FCKDLoss's defaults (hard M at threshold 0.7, apply "mask", similarity "cosine", temperature 0.1,
 gamma 0.5) were chosen by validation among candidates named before the runs: the synthetic screen
@@ -53,16 +59,18 @@ below are those two baselines.
 """
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-CONDENSE_MODES = ("hard", "soft", "none")
+CONDENSE_MODES = ("hard", "soft", "none", "quantile")
 APPLY_MODES = ("multiply", "mask")
 SIMILARITIES = ("dot", "cosine")
 ENHANCE_DIMS = ("spatial", "channel")
 # Defaults of the choices that the spec leaves to validation evidence (README, "Revision 2").
 DEFAULT_THRESHOLD = 0.7
+DEFAULT_KEEP = 0.8  # used by condense="quantile" only
 DEFAULT_APPLY = "mask"
 DEFAULT_SIMILARITY = "cosine"
 DEFAULT_TEMPERATURE = 0.1
@@ -97,11 +105,22 @@ def _check_threshold(threshold):
         raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
 
 
-def _prepare(student_logits, teacher_logits):
+def _check_keep(keep):
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must lie in (0, 1], got {keep}")
+
+
+def _check_downsample(downsample):
+    if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1:
+        raise ValueError(f"downsample must be an int >= 1, got {downsample!r}")
+
+
+def _prepare(student_logits, teacher_logits, downsample=1):
     """Validate a student/teacher pair and return both as float32 at the teacher's size.
 
     The teacher is detached; the student is resized bilinearly (align_corners=False) when its
-    spatial size differs from the teacher's.
+    spatial size differs from the teacher's. downsample K > 1: both are instead average-pooled
+    (adaptive_avg_pool2d) to ceil(H / K) x ceil(W / K) of the teacher's H x W.
     """
     _check_4d(student_logits, "student_logits")
     _check_4d(teacher_logits, "teacher_logits")
@@ -112,8 +131,11 @@ def _prepare(student_logits, teacher_logits):
             f"got student {s_shape} and teacher {t_shape}")
     student = student_logits.float()
     teacher = teacher_logits.detach().float()
-    if s_shape[2:] != t_shape[2:]:
-        with _float32_only(student):
+    with _float32_only(student):
+        if downsample > 1:
+            size = tuple(-(-side // downsample) for side in t_shape[2:])
+            student, teacher = F.adaptive_avg_pool2d(student, size), F.adaptive_avg_pool2d(teacher, size)
+        elif s_shape[2:] != t_shape[2:]:
             student = F.interpolate(student, size=t_shape[2:], mode="bilinear", align_corners=False)
     return student, teacher
 
@@ -196,14 +218,29 @@ def _finite_pixels(logits):
     return torch.isfinite(logits).all(1, keepdim=True)
 
 
-def condensation_matrix(teacher_logits, mode="hard", threshold=DEFAULT_THRESHOLD):
+def _lowest_fraction(entropy, finite, keep):
+    """B x 1 x H x W bool: per image, the pixels whose Hn is at most the k-th smallest Hn of its
+    finite pixels, k = ceil(keep * finite pixels). One sort per image, no host sync."""
+    flat = torch.where(finite, entropy, math.inf).flatten(1)  # B x N; dropped pixels sort last
+    counts = finite.flatten(1).sum(1, keepdim=True)  # B x 1
+    # float64 and a relative 1e-12 below: ceil(0.7 * 10) is 7, not float rounding's 8
+    k = torch.ceil(counts.double() * keep * (1 - 1e-12)).long().clamp(1, flat.shape[1])
+    kth = flat.sort(1).values.gather(1, k - 1)  # B x 1
+    return (flat <= kth).reshape(entropy.shape) & finite
+
+
+def condensation_matrix(teacher_logits, mode="hard", threshold=DEFAULT_THRESHOLD, keep=DEFAULT_KEEP):
     """Feature condensation matrix M (B x 1 x H x W, no gradient) from the teacher's entropy Hn.
 
     hard: M = 1 where Hn <= threshold, else 0.   soft: M = 1 - Hn.   none: M = 1.
-    A pixel with a non-finite teacher logit has no usable knowledge: M = 0 there in every mode.
+    quantile: per image, M = 1 on its pixels with Hn <= its k-th smallest Hn, k = ceil(keep H W)
+    (ties at that value are kept, so mean(M) can exceed keep slightly).
+    A pixel with a non-finite teacher logit has no usable knowledge: M = 0 there in every mode
+    (and it does not count in H W).
     """
     _check_choice(mode, CONDENSE_MODES, "condensation mode")
     _check_threshold(threshold)
+    _check_keep(keep)
     with torch.no_grad():
         finite = _finite_pixels(teacher_logits.detach())
         entropy = pixel_entropy(torch.where(finite, teacher_logits.detach(), 0.0))
@@ -211,6 +248,8 @@ def condensation_matrix(teacher_logits, mode="hard", threshold=DEFAULT_THRESHOLD
             matrix = (entropy <= threshold).float()
         elif mode == "soft":
             matrix = 1.0 - entropy
+        elif mode == "quantile":
+            matrix = _lowest_fraction(entropy, finite, keep).float()
         else:
             matrix = torch.ones_like(entropy)
         return matrix * finite
@@ -299,15 +338,18 @@ class FCKDLoss(torch.nn.Module):
 
     forward(student_logits, teacher_logits) returns a dict of scalar float32 tensors:
     loss (L_FCKD), spatial (L_sp), channel (L_ch), keep_ratio (mean of M, a diagnostic).
-    No host-device synchronisation happens inside forward.
+    No host-device synchronisation happens inside forward (on an accelerator; see
+    _warn_if_nothing_kept). downsample K > 1: distil at 1/K of the teacher's resolution, for
+    logits already upsampled to the input (torchvision's segmentation models: use K = 8).
     """
 
-    def __init__(self, *, condense="hard", threshold=DEFAULT_THRESHOLD, apply=DEFAULT_APPLY, enhance=True,
-                 similarity=DEFAULT_SIMILARITY, temperature=DEFAULT_TEMPERATURE, gamma=DEFAULT_GAMMA,
-                 tau_spatial=1.0, tau_channel=4.0, lambda_spatial=1.0, lambda_channel=3.0):
+    def __init__(self, *, condense="hard", threshold=DEFAULT_THRESHOLD, keep=DEFAULT_KEEP, apply=DEFAULT_APPLY,
+                 enhance=True, similarity=DEFAULT_SIMILARITY, temperature=DEFAULT_TEMPERATURE, gamma=DEFAULT_GAMMA,
+                 tau_spatial=1.0, tau_channel=4.0, lambda_spatial=1.0, lambda_channel=3.0, downsample=1):
         super().__init__()
         _check_choice(condense, CONDENSE_MODES, "condense")
         _check_threshold(threshold)
+        _check_keep(keep)
         _check_choice(apply, APPLY_MODES, "apply")
         _check_choice(similarity, SIMILARITIES, "similarity")
         _check_positive(temperature, "temperature")
@@ -316,15 +358,19 @@ class FCKDLoss(torch.nn.Module):
         _check_positive(tau_channel, "tau_channel")
         _check_nonnegative(lambda_spatial, "lambda_spatial")
         _check_nonnegative(lambda_channel, "lambda_channel")
-        self.condense, self.threshold, self.apply = condense, threshold, apply
+        _check_downsample(downsample)
+        self.condense, self.threshold, self.keep, self.apply = condense, threshold, keep, apply
         self.enhance, self.similarity, self.temperature, self.gamma = enhance, similarity, temperature, gamma
         self.tau_spatial, self.tau_channel = tau_spatial, tau_channel
         self.lambda_spatial, self.lambda_channel = lambda_spatial, lambda_channel
+        self.downsample = downsample
+        self._warned_empty, self._pending_count = False, None
 
     def forward(self, student_logits, teacher_logits):
-        student, teacher = _prepare(student_logits, teacher_logits)
+        student, teacher = _prepare(student_logits, teacher_logits, self.downsample)
         with _float32_only(student):
-            keep = condensation_matrix(teacher, self.condense, self.threshold)
+            keep = condensation_matrix(teacher, self.condense, self.threshold, self.keep)
+            self._warn_if_nothing_kept(keep.sum())
             # dropped by M already; zeroed so that no NaN or inf reaches the attention or a product with 0
             teacher = torch.where(_finite_pixels(teacher), teacher, 0.0)
             if self.apply == "mask":
@@ -342,8 +388,34 @@ class FCKDLoss(torch.nn.Module):
             loss = self.lambda_spatial * spatial + self.lambda_channel * channel
         return {"loss": loss, "spatial": spatial, "channel": channel, "keep_ratio": keep.mean()}
 
+    def _warn_if_nothing_kept(self, kept):
+        """Warn once when a whole batch keeps no pixel (its loss is then 0), without waiting for
+        the device: on CPU the count is read at once; elsewhere a copy is started and read at a
+        later call, once it has landed (so the warning comes a batch or so late)."""
+        if self._warned_empty:
+            return
+        if kept.device.type == "cpu":
+            counts = [kept]
+        else:
+            counts = []
+            if self._pending_count is not None and self._pending_count[1].query():
+                counts.append(self._pending_count[0])
+                self._pending_count = None
+            if self._pending_count is None:
+                event = torch.Event(device=kept.device)
+                self._pending_count = (kept.to("cpu", non_blocking=True), event)
+                event.record()
+        if any(count.item() == 0 for count in counts):
+            self._warned_empty = True
+            setting = f"condense={self.condense!r}" + (f", threshold={self.threshold}" if self.condense == "hard" else "")
+            warnings.warn(
+                f"FCKDLoss ({setting}): the condensation matrix kept no pixel of a whole batch, so its distillation "
+                "loss is 0; the teacher is uncertain everywhere (untrained?). A higher threshold, or "
+                "condense='quantile', keeps pixels.", RuntimeWarning, stacklevel=2)
+
     def extra_repr(self):
-        return (f"condense={self.condense!r}, threshold={self.threshold}, apply={self.apply!r}, "
+        return (f"condense={self.condense!r}, threshold={self.threshold}, keep={self.keep}, apply={self.apply!r}, "
                 f"enhance={self.enhance}, similarity={self.similarity!r}, temperature={self.temperature}, "
                 f"gamma={self.gamma}, tau_spatial={self.tau_spatial}, tau_channel={self.tau_channel}, "
-                f"lambda_spatial={self.lambda_spatial}, lambda_channel={self.lambda_channel}")
+                f"lambda_spatial={self.lambda_spatial}, lambda_channel={self.lambda_channel}, "
+                f"downsample={self.downsample}")

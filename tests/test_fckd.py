@@ -78,12 +78,13 @@ def ref_enhance(x, dim, gamma, similarity="dot", temperature=0.1, weights=None):
 
 
 def ref_fckd(s, t, condense="hard", threshold=0.5, apply="multiply", enhance=True, similarity="dot",
-             temperature=0.1, gamma=1.0, tau_s=1.0, tau_c=4.0, lam_s=1.0, lam_c=3.0):
+             temperature=0.1, gamma=1.0, tau_s=1.0, tau_c=4.0, lam_s=1.0, lam_c=3.0, matrix=None):
+    """Steps 1-5; matrix: a given M (B x 1 x H x W) in place of steps 1-2."""
     s, t = s.double(), t.double()
     if s.shape[2:] != t.shape[2:]:
         s = F.interpolate(s, size=t.shape[2:], mode="bilinear", align_corners=False)
     b, c, hgt, wid = t.shape
-    m = ref_matrix(t, condense, threshold)
+    m = ref_matrix(t, condense, threshold) if matrix is None else matrix
     if apply == "multiply":
         X, S, w = m * t, m * s, None
     else:
@@ -501,3 +502,110 @@ def test_works_when_copied_alone(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "True"]
+
+
+# ----------------------------------------------------------------------------- revision 3
+
+def ref_quantile_matrix(t, keep):
+    """Spec, quantile: per image, keep the pixels whose Hn is at most the k-th smallest finite Hn,
+    k = ceil(keep * finite pixels), with keep read as the decimal it is written as."""
+    from fractions import Fraction
+    finite = torch.isfinite(t).all(1, keepdim=True)
+    p = ref_softmax(torch.where(finite, t.double(), 0.0), 1)
+    hn = -torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum(1, keepdim=True) / math.log(t.shape[1])
+    out = torch.zeros_like(hn)
+    for b in range(t.shape[0]):
+        values = sorted(hn[b][finite[b]].tolist())
+        if not values:
+            continue
+        k = math.ceil(Fraction(str(keep)) * len(values))
+        out[b] = ((hn[b] <= values[k - 1]) & finite[b]).double()
+    return out
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.37, 0.5, 0.7, 0.8, 1.0])
+def test_quantile_keeps_the_lowest_entropy_pixels_of_each_image(keep):
+    t = logits(3, 7, 6, 10, seed=50)
+    t[1, :, 2, 3] = float("nan")  # dropped first, and not counted in H W
+    got = fckd.condensation_matrix(t, "quantile", keep=keep)
+    want = ref_quantile_matrix(t, keep)
+    assert torch.equal(got.double(), want)
+    # random logits have distinct entropies: each image keeps exactly ceil(keep * its finite pixels)
+    counts = got.sum((1, 2, 3)).tolist()
+    finite = [60, 59, 60]
+    assert counts == [math.ceil(round(keep * n, 9)) for n in finite]
+    assert got[1, 0, 2, 3] == 0
+
+
+def test_quantile_keeps_ties_at_the_kth_value():
+    t = torch.zeros(1, 3, 2, 2)
+    t[0, 0] = torch.tensor([[5.0, 5.0], [5.0, 1.0]])  # three pixels with the same (lowest) entropy
+    matrix = fckd.condensation_matrix(t, "quantile", keep=0.25)  # k = 1, but the lowest value is shared
+    assert matrix.sum() == 3 and matrix[0, 0, 1, 1] == 0
+
+
+def test_quantile_with_keep_one_is_no_condensation():
+    t, s = logits(2, 6, 5, 7, seed=51), logits(2, 6, 5, 7, seed=52)
+    for apply in ("mask", "multiply"):
+        got = fckd.FCKDLoss(condense="quantile", keep=1.0, apply=apply)(s, t)
+        want = fckd.FCKDLoss(condense="none", apply=apply)(s, t)
+        for key in ("loss", "spatial", "channel", "keep_ratio"):
+            torch.testing.assert_close(got[key], want[key], msg=key)
+
+
+@pytest.mark.parametrize("apply", ["multiply", "mask"])
+@pytest.mark.parametrize("enhance", [True, False])
+def test_quantile_loss_matches_the_reference_on_its_matrix(apply, enhance):
+    """FCKDLoss(condense="quantile") is the loss of the reference with M = the sort-based matrix."""
+    t, s = logits(2, 7, 6, 10, seed=53), logits(2, 7, 6, 10, seed=54)
+    options = dict(apply=apply, enhance=enhance, similarity="cosine", temperature=0.2, gamma=0.7)
+    got = fckd.FCKDLoss(condense="quantile", keep=0.6, **options)(s, t)
+    want = ref_fckd(s, t, matrix=ref_quantile_matrix(t, 0.6), **options)
+    for key in ("loss", "spatial", "channel", "keep_ratio"):
+        torch.testing.assert_close(got[key].double(), want[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("downsample", [2, 3, 8])
+@pytest.mark.parametrize("student_size", [(16, 20), (8, 10)])
+def test_downsample_is_the_loss_on_average_pooled_logits(downsample, student_size):
+    t, s = logits(2, 5, 16, 20, seed=55), logits(2, 5, *student_size, seed=56)
+    size = (math.ceil(16 / downsample), math.ceil(20 / downsample))
+    options = dict(apply="mask", similarity="cosine", temperature=0.2, gamma=0.5)
+    got = fckd.FCKDLoss(downsample=downsample, condense="quantile", keep=0.5, **options)(s, t)
+    pooled_t = F.adaptive_avg_pool2d(t.double(), size)
+    want = ref_fckd(F.adaptive_avg_pool2d(s.double(), size), pooled_t, matrix=ref_quantile_matrix(pooled_t, 0.5),
+                    **options)
+    for key in ("loss", "spatial", "channel", "keep_ratio"):
+        torch.testing.assert_close(got[key].double(), want[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_downsample_one_changes_nothing():
+    t, s = logits(2, 5, 9, 11, seed=57), logits(2, 5, 5, 6, seed=58)
+    got, want = fckd.FCKDLoss(downsample=1)(s, t), fckd.FCKDLoss()(s, t)
+    for key in got:
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_a_batch_that_keeps_no_pixel_warns_once():
+    loss_fn = fckd.FCKDLoss(threshold=0.5)
+    s = logits(2, 5, 4, 4, seed=59)
+    with pytest.warns(RuntimeWarning, match="kept no pixel of a whole batch"):
+        assert loss_fn(s, torch.zeros(2, 5, 4, 4))["loss"] == 0  # a uniform teacher: entropy 1 everywhere
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would raise here
+        loss_fn(s, torch.zeros(2, 5, 4, 4))
+        fckd.FCKDLoss(threshold=0.5)(s, logits(2, 5, 4, 4, scale=20.0, seed=60))  # pixels kept: no warning
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: fckd.condensation_matrix(torch.zeros(1, 3, 2, 2), "quantile", keep=0.0), r"keep.*\(0, 1\].*0.0"),
+    (lambda: fckd.condensation_matrix(torch.zeros(1, 3, 2, 2), "quantile", keep=1.5), r"keep.*1.5"),
+    (lambda: fckd.FCKDLoss(keep=float("nan")), r"keep.*nan"),
+    (lambda: fckd.FCKDLoss(downsample=0), r"downsample.*int >= 1.*0"),
+    (lambda: fckd.FCKDLoss(downsample=2.0), r"downsample.*2.0"),
+    (lambda: fckd.FCKDLoss(downsample=True), r"downsample.*True"),
+])
+def test_bad_revision_3_arguments_raise_clear_value_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
