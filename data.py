@@ -424,3 +424,56 @@ def build_dataset(name, root, split, train, crop_size=None, image_scale=1.0, **o
     pairs = camvid_pairs(root, split)
     lut, valid = label_lookup({i: i for i in range(11)}, [11, IGNORE_INDEX])
     return LabelledImages(pairs, lut, valid, CAMVID_CLASSES, CAMVID_PALETTE, train, crop_size, image_scale)
+
+
+# -----------------------------------------------------------------------------
+# training with labels for some frames only (train.py --labelled-list)
+
+def frame_names(dataset):
+    """The names a labelled list can use for the frames of `dataset`, in its order: the image file
+    name without extension (a VOC id, a CamVid or Cityscapes image's stem); synthetic: the index."""
+    if isinstance(dataset, SyntheticScenes):
+        return [str(i) for i in range(len(dataset))]
+    return [os.path.splitext(os.path.basename(image))[0] for image, _ in dataset.pairs]
+
+
+def labelled_indices(dataset, path):
+    """Sorted indices of the frames of `dataset` that the list file `path` names, one frame a line
+    in the dataset's own list format (its first token: an image path or id; synthetic: the scene
+    index). ValueError naming the file for a missing or empty list, and the line for a frame that
+    is not in `dataset` (the training split)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"--labelled-list: {path} not found")
+    index = {name: i for i, name in enumerate(frame_names(dataset))}
+    chosen = set()
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            synthetic = isinstance(dataset, SyntheticScenes)
+            name = tokens[0] if synthetic else os.path.splitext(os.path.basename(tokens[0]))[0]
+            if name not in index:
+                raise ValueError(f"--labelled-list: {path} line {number} names {tokens[0]!r}, which is not a frame of "
+                                 f"the training split ({len(index)} frames)")
+            chosen.add(index[name])
+    if not chosen:
+        raise ValueError(f"--labelled-list: {path} lists no frame")
+    return sorted(chosen)
+
+
+class PartlyLabelled(Dataset):
+    """dataset[index] with its label replaced by all-ignore (255) unless the frame is in `labelled`:
+    the same image and augmentation either way, so a frame without labels still feeds distillation."""
+
+    def __init__(self, dataset, labelled):
+        self.dataset, self.labelled = dataset, frozenset(labelled)
+        self.num_classes, self.class_names, self.palette = dataset.num_classes, dataset.class_names, dataset.palette
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return image, label if index in self.labelled else torch.full_like(label, IGNORE_INDEX)

@@ -401,14 +401,19 @@ def listing(names, shown=10):
     return ", ".join(names[:shown]) + more
 
 
+def require_file(path, what):
+    """FileNotFoundError "{what} not found: {path}" unless path is a file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
 def load_torch_file(path, what):
     """torch.load(path) onto the CPU with weights_only=True (a file of weights is data, never code).
 
     what names the file in the errors: FileNotFoundError "{what} not found: {path}", ValueError
     "{path} is not a readable {what} (the error torch.load raised)".
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
+    require_file(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
@@ -39,14 +40,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from data import DATASET_NAMES, IGNORE_INDEX, build_dataset, synthetic_options
-from fckd import (APPLY_MODES, CONDENSE_MODES, DEFAULT_APPLY, DEFAULT_GAMMA, DEFAULT_SIMILARITY, DEFAULT_TEMPERATURE,
-                  DEFAULT_THRESHOLD, SIMILARITIES, FCKDLoss, channel_kd, spatial_kd)
+from data import DATASET_NAMES, IGNORE_INDEX, PartlyLabelled, build_dataset, labelled_indices, synthetic_options
+from fckd import (APPLY_MODES, CONDENSE_MODES, DEFAULT_APPLY, DEFAULT_GAMMA, DEFAULT_KEEP, DEFAULT_SIMILARITY,
+                  DEFAULT_TEMPERATURE, DEFAULT_THRESHOLD, SIMILARITIES, FCKDLoss, channel_kd, spatial_kd)
 from models import MODEL_NAMES, build_model, listing
 from utils import (FRESH_PROGRESS, Interrupted, all_reduce, atomic_write, autocast, check_num_classes, evaluate,
-                   is_main, load_checkpoint, load_state, memory_format, metrics_line, model_from_checkpoint,
-                   non_finite_tensors, quiet_on_stop_signals, remove_temporaries, resolve_amp, run_cli,
-                   save_checkpoint, segmentation_metrics, setup_distributed, teardown_distributed, upsample,
+                   file_sha256, is_main, load_checkpoint, load_state, memory_format, metrics_line,
+                   model_from_checkpoint, non_finite_tensors, quiet_on_stop_signals, remove_temporaries, resolve_amp,
+                   run_cli, save_checkpoint, segmentation_metrics, setup_distributed, teardown_distributed, upsample,
                    writable_folder)
 
 # Per-dataset defaults for every flag left unset. The real sets follow the CIRKD protocol (SGD,
@@ -67,6 +68,9 @@ MOMENTUM = 0.9
 POLY_POWER = 0.9
 AUX_WEIGHT = 0.4
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl")  # a folder with any of them holds a run
+# The settings a resumed run may change: they do not change what is trained. Every other setting
+# (and any flag added later) must equal the checkpoint's (check_resumed_settings).
+MAY_DIFFER_ON_RESUME = ("workers", "log_every", "val_every", "save_every", "out", "resume", "overwrite")
 LOCK_FILE = ".lock"
 MIN_CROP = 32  # pixels a side: at output stride 16 still 2 x 2 logits, which BatchNorm needs at batch 1
 WIDTHS = (1 / 16, 4.0)  # below 1/16 the nets have layers of a single channel
@@ -80,6 +84,7 @@ NUMBER_RULES = (
     ("lambda_spatial", "a finite number >= 0", lambda x: math.isfinite(x) and x >= 0),
     ("lambda_channel", "a finite number >= 0", lambda x: math.isfinite(x) and x >= 0),
     ("fckd_threshold", "in [0, 1]", lambda x: 0 <= x <= 1),
+    ("fckd_keep", "in (0, 1]", lambda x: 0 < x <= 1),
     ("fckd_gamma", "a finite number >= 0", lambda x: math.isfinite(x) and x >= 0),
     ("fckd_temperature", "a finite number > 0", lambda x: math.isfinite(x) and x > 0),
     ("width", f"in [{WIDTHS[0]}, {WIDTHS[1]}]", lambda x: WIDTHS[0] <= x <= WIDTHS[1]),
@@ -102,6 +107,10 @@ def build_parser():
     p.add_argument("--synthetic-size", type=int, help="side of the synthetic images in pixels (default: data.py's)")
     p.add_argument("--image-scale", type=float, help="real sets: resize every image by this factor in (0, 1] first; "
                    "validation scores against the full-resolution labels (default: 1)")
+    p.add_argument("--labelled-list", metavar="FILE",
+                   help="use ground truth only for the training frames this file lists (lines as in the dataset's "
+                        "own lists: an image path or id first; synthetic: the scene index); with a teacher every "
+                        "frame feeds the distillation loss, without one only the listed frames are sampled")
     p.add_argument("--model", choices=MODEL_NAMES, default="deeplabv3_resnet18", help="default: %(default)s")
     p.add_argument("--width", type=float, help=f"width multiplier of the model; {per_dataset}")
     p.add_argument("--output-stride", type=int, choices=(8, 16), default=8, help="default: %(default)s")
@@ -133,6 +142,9 @@ def add_distillation_flags(p):
     p.add_argument("--fckd-condense", choices=CONDENSE_MODES, default="hard", help="default: %(default)s")
     p.add_argument("--fckd-threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="entropy threshold of the hard condensation (default: %(default)s)")
+    p.add_argument("--fckd-keep", type=float, default=DEFAULT_KEEP,
+                   help="share of each image's lowest-entropy pixels the quantile condensation keeps "
+                        "(default: %(default)s)")
     p.add_argument("--fckd-apply", choices=APPLY_MODES, default=DEFAULT_APPLY,
                    help="how the condensation matrix acts on both nets' logits (default: %(default)s)")
     p.add_argument("--no-fckd-enhance", dest="fckd_enhance", action="store_false", help="no soft enhancement")
@@ -259,7 +271,8 @@ def poly_lr(base_lr, iteration, iters, power=POLY_POWER):
 
 def loss_settings(args):
     """FCKDLoss's keyword arguments, one to one from the --fckd-*, --tau-* and --lambda-* flags."""
-    return {"condense": args.fckd_condense, "threshold": args.fckd_threshold, "apply": args.fckd_apply,
+    return {"condense": args.fckd_condense, "threshold": args.fckd_threshold, "keep": args.fckd_keep,
+            "apply": args.fckd_apply,
             "enhance": args.fckd_enhance, "similarity": args.fckd_similarity, "temperature": args.fckd_temperature,
             "gamma": args.fckd_gamma, "tau_spatial": args.tau_spatial, "tau_channel": args.tau_channel,
             "lambda_spatial": args.lambda_spatial, "lambda_channel": args.lambda_channel}
@@ -523,22 +536,31 @@ def use_fast_cuda_kernels():
 def training_data(args, rank, world_size, cuda):
     """(train_set, val_set, sampler, loader, batches_per_epoch): this rank's share of the
     shuffled training batches, in an order a resumed run can pick up (ResumableSampler,
-    SeededSamples). The real sets' val images are all decoded first, so that a bad file stops
-    the run now and not at the first validation."""
+    SeededSamples). With --labelled-list the unlisted frames get all-ignore labels (a distilled
+    run still samples them) or are not sampled (a run without a teacher). The real sets' val
+    images are all decoded first, so that a bad file stops the run now and not at the first
+    validation."""
     batch_per_rank = args.batch_size // world_size
     options = synthetic_options(args.dataset, args.synthetic_length, args.synthetic_size)
     image_scale = args.image_scale or 1.0
     train_set = build_dataset(args.dataset, args.data_root, "train", train=True, crop_size=args.crop_size,
                               image_scale=image_scale, **options)
+    sampled, what = train_set, "train split"
+    if args.labelled_list:
+        labelled = labelled_indices(train_set, args.labelled_list)
+        if args.teacher_ckpt:
+            sampled = PartlyLabelled(train_set, labelled)
+        else:
+            sampled, what = Subset(train_set, labelled), f"labelled list {args.labelled_list}"
     val_set = build_dataset(args.dataset, args.data_root, "val", train=False, image_scale=image_scale, **options)
-    batches_per_epoch = len(train_set) // world_size // batch_per_rank
+    batches_per_epoch = len(sampled) // world_size // batch_per_rank
     if batches_per_epoch == 0:
-        raise ValueError(f"the {args.dataset} train split has {len(train_set)} images, fewer than the "
+        raise ValueError(f"the {args.dataset} {what} has {len(sampled)} images, fewer than the "
                          f"global batch size {args.batch_size}")
     if args.dataset != "synthetic":  # the synthetic scenes are generated, not read
         decode_split(val_set, args.workers, rank, world_size, f"{args.dataset} val")
-    sampler = ResumableSampler(train_set, world_size, rank, args.seed)
-    loader = DataLoader(SeededSamples(train_set, args.seed), batch_size=batch_per_rank, sampler=sampler,
+    sampler = ResumableSampler(sampled, world_size, rank, args.seed)
+    loader = DataLoader(SeededSamples(sampled, args.seed), batch_size=batch_per_rank, sampler=sampler,
                         num_workers=args.workers, pin_memory=cuda, drop_last=True,
                         persistent_workers=args.workers > 0, worker_init_fn=quiet_on_stop_signals,
                         generator=torch.Generator())  # its own generator: iter(loader) leaves the global RNG alone
@@ -566,11 +588,11 @@ def frozen_teacher(args, num_classes, device):
     return teacher, distillation(args.kd, loss_settings(args))
 
 
-def checkpoint_to_resume(args, num_classes, model_options, device, world_size):
+def checkpoint_to_resume(args, device, world_size):
     """(path, checkpoint) that --resume names (auto: OUT/last.pt when it exists), or (None, None)
-    for a fresh start. ValueError unless every rank sees OUT/last.pt or none does, and unless the
-    checkpoint holds this run's net (--model, model_options) for this run's data, at an iteration
-    no later than --iters."""
+    for a fresh start. ValueError unless every rank sees OUT/last.pt or none does, unless the
+    checkpoint was trained with this run's settings (check_resumed_settings), and unless it is at
+    an iteration no later than --iters."""
     path = args.resume
     if path == "auto":
         last_path = os.path.join(args.out, "last.pt")
@@ -582,15 +604,44 @@ def checkpoint_to_resume(args, num_classes, model_options, device, world_size):
     if not path:
         return None, None
     checkpoint = load_checkpoint(path)
+    check_resumed_settings(checkpoint["args"], args, path)
+    if checkpoint["iteration"] > args.iters:
+        raise ValueError(f"cannot resume from {path}: it is at iteration {checkpoint['iteration']}, "
+                         f"beyond --iters {args.iters}")
+    return path, checkpoint
+
+
+def teacher_sha256(args):
+    """SHA-256 of --teacher-ckpt's bytes (None without a teacher). Stored with the run's settings,
+    so that a resume refuses a teacher file that changed on disk since the run started."""
+    return file_sha256(args.teacher_ckpt) if args.teacher_ckpt else None
+
+
+def check_resumed_settings(stored, args, path):
+    """ValueError naming every setting (but MAY_DIFFER_ON_RESUME) in which this run's args differ
+    from `stored`, the args of the checkpoint at `path`, with both values: a resumed run must be the
+    run its checkpoint records. A setting that an older checkpoint lacks counts as its default."""
+    parser = build_parser()
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    differ = []
+    for key in sorted((set(stored) | set(vars(args))) - set(MAY_DIFFER_ON_RESUME)):
+        then, now = stored.get(key, parser.get_default(key)), getattr(args, key, parser.get_default(key))
+        if then != now:
+            name = "the teacher checkpoint's content (SHA-256)" if key == "teacher_sha256" else flags.get(key, key)
+            differ.append(f"{name}: {then!r} in the checkpoint, {now!r} now")
+    if differ:
+        raise ValueError(f"cannot resume from {path}: this run's settings differ from the ones it was trained with "
+                         f"({'; '.join(differ)}); resume with the checkpoint's settings, or start a new run "
+                         f"(another --out, or --overwrite to replace this one)")
+
+
+def check_resumed_model(checkpoint, path, args, num_classes, model_options):
+    """ValueError unless the checkpoint holds this run's net (--model, model_options) for this run's data."""
     trained = tuple(checkpoint[key] for key in ("dataset", "model_name", "num_classes", "model_options"))
     if trained != (args.dataset, args.model, num_classes, model_options):
         raise ValueError(f"cannot resume from {path}: it holds {trained[1]} {trained[3]} for {trained[0]} "
                          f"({trained[2]} classes), this run trains {args.model} {model_options} for "
                          f"{args.dataset} ({num_classes} classes)")
-    if checkpoint["iteration"] > args.iters:
-        raise ValueError(f"cannot resume from {path}: it is at iteration {checkpoint['iteration']}, "
-                         f"beyond --iters {args.iters}")
-    return path, checkpoint
 
 
 def restore(checkpoint, optimizer, scaler, rank):
@@ -671,12 +722,14 @@ def train(args, rank, world_size, device, stop):
     # the ranks agree on stopping every step: over gloo, on the CPU, also when NCCL carries the rest
     stop_group = dist.new_group(backend="gloo") if world_size > 1 and cuda else None
 
+    args.teacher_sha256 = teacher_sha256(args)
+    resume_path, checkpoint = checkpoint_to_resume(args, device, world_size)
     train_set, val_set, sampler, loader, batches_per_epoch = training_data(args, rank, world_size, cuda)
     num_classes = train_set.num_classes
     teacher, distill = frozen_teacher(args, num_classes, device)
     model, model_options = seeded_student(args, num_classes, rank)
-    resume_path, checkpoint = checkpoint_to_resume(args, num_classes, model_options, device, world_size)
     if checkpoint is not None:
+        check_resumed_model(checkpoint, resume_path, args, num_classes, model_options)
         load_state(model, checkpoint["model"], resume_path)
     if world_size > 1 and cuda:  # SyncBatchNorm needs CUDA; on CPU (gloo) each rank keeps its own BN statistics
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

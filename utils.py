@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data import IGNORE_INDEX, build_dataset, synthetic_options
-from models import build_model, listing, load_torch_file, load_weights
+from models import build_model, listing, load_torch_file, load_weights, require_file
 
 # -----------------------------------------------------------------------------
 # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them we are one process
@@ -361,6 +361,16 @@ def payload_sha256(value, digest=None):
     else:
         digest.update(f"{type(value).__name__} {value!r};".encode())
     return digest.hexdigest() if top else None
+
+
+def file_sha256(path, what="checkpoint"):
+    """SHA-256 of the file's bytes, hex; FileNotFoundError "{what} not found: {path}" if it is missing."""
+    require_file(path, what)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_checkpoint(checkpoint, path):

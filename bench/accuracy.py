@@ -4,8 +4,11 @@
     python bench/accuracy.py --table ablation --jobs 2  # FCKD's parts, 3 seeds: 30 runs of about 5 minutes
     python bench/accuracy.py --table screen --jobs 2    # revision 2's candidates and their ablation rows
     python bench/accuracy.py --setting camvid         # CamVid in data/camvid: R101 teacher, R18 students (GPU)
-    python bench/accuracy.py --setting camvid-cpu --table finalists --jobs 2 -- --data-root ../shared/camvid
-                                                      # CamVid at half scale, 2-core CPU: 132 min (README)
+    python bench/accuracy.py --setting camvid-cpu --table finalists-rev2 --jobs 2 -- --data-root ../shared/camvid
+                                                      # CamVid at half scale, 2-core CPU: 132 min (docs/results.md)
+    python bench/accuracy.py --setting camvid-cpu-patient --table pilot --jobs 2 -- --data-root ../shared/camvid
+    python bench/accuracy.py --setting camvid-cpu-fewlabels --table pilot --jobs 2 -- --data-root ../shared/camvid
+                                                      # the instrument pilot's settings S1 and S2 (docs/results.md)
     python bench/accuracy.py --table ablation --rows baseline "fckd soft" --jobs 2   # a part of a table
     python bench/accuracy.py -- --amp off             # everything after -- goes to every train.py run
 
@@ -17,7 +20,8 @@ picked on the val split). Prints a table of mIoU and mAcc, mean +- sample std ov
 the per-seed values, and writes it to bench/results/accuracy_SETTING[_TABLE].json.
 
 Resumable: run NAME_sSEED lives in runs/accuracy/SETTING/NAME_sSEED; one with a result.json is not
-run again, and an interrupted one continues from its last.pt (train.py --resume auto).
+run again (if train.py's resume check finds it was trained with this run's settings), and an
+interrupted one continues from its last.pt (train.py --resume auto).
 """
 
 import argparse
@@ -35,6 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
 from bench.common import describe_run, save_results  # noqa: E402
 
 # The synthetic setting is the quick start's (train.py's synthetic defaults). The CamVid one trains
@@ -59,7 +64,20 @@ SETTINGS = {
         "teacher": ["--model", "deeplabv3_resnet18", "--width", "0.5", "--iters", "1800"],
         "student": ["--model", "deeplabv3_resnet18", "--width", "0.25", "--iters", "600"],
     },
+    # The instrument pilot (README, "The instrument pilot"), two settings beside camvid-cpu (S0).
+    # S1, patient: whole quarter-scale frames, students and teacher trained 3x longer than S0's.
+    "camvid-cpu-patient": {
+        "common": ["--dataset", "camvid", "--image-scale", "0.25", "--crop-size", "96", "128", "--batch-size", "8",
+                   "--lr", "0.1", "--workers", "0", "--save-every", "200", "--val-every", "100000"],
+        "teacher": ["--model", "deeplabv3_resnet18", "--width", "0.5", "--iters", "5400"],
+        "student": ["--model", "deeplabv3_resnet18", "--width", "0.25", "--iters", "1800"],
+    },
 }
+# S2, few labels: S0's teacher (the same run) and schedule; the students get the labels of every
+# 8th line of CamVid's train.txt only, and distil on every frame.
+SETTINGS["camvid-cpu-fewlabels"] = {
+    **SETTINGS["camvid-cpu"], "teacher_setting": "camvid-cpu",
+    "student": [*SETTINGS["camvid-cpu"]["student"], "--labelled-list", "bench/camvid_train_1in8.txt"]}
 METHODS = {"baseline": [], "kd": ["--kd", "kd"], "cwd": ["--kd", "cwd"], "fckd": ["--kd", "fckd"]}
 ABLATION = {  # FCKD with one part changed; "fckd" is FCKDLoss's defaults (hard condensation at 0.7)
     "baseline": [],
@@ -104,6 +122,8 @@ def fckd_flags(reading):
     """train.py flags for one reading, every setting explicit so that a row does not move with the defaults."""
     flags = ["--kd", "fckd", "--fckd-apply", reading["apply"], "--fckd-similarity", reading["similarity"],
              "--fckd-threshold", str(reading["threshold"])]
+    if "condense" in reading:
+        flags += ["--fckd-condense", reading["condense"], "--fckd-keep", str(reading["keep"])]
     if not reading.get("enhance", True):
         return flags + ["--no-fckd-enhance"]
     flags += ["--fckd-gamma", str(reading["gamma"])]
@@ -118,9 +138,9 @@ SCREEN = {  # the candidates, then the references that the rule and the target n
                                                            "--no-fckd-enhance"],
     **{name: fckd_flags(reading) for name, reading in READINGS.items() if name.startswith("ablation")},
 }
-# The CamVid table: the references, revision 1, the two best candidates of the screen, and the mask
-# without enhancement (does the enhancement help where the logit maps are larger than 8 x 8?).
-FINALISTS = {
+# Revision 2's CamVid table (camvid-cpu): the references, revision 1, the two best candidates of the
+# screen, and the mask without enhancement (does the enhancement help where the logit maps are larger than 8 x 8?).
+FINALISTS_REV2 = {
     "baseline": [],
     **{name: SCREEN[name] for name in ("C3 mask, cosine T 0.1, threshold 0.7, gamma 0.5",
                                        "C4 mask, cosine T 0.1, threshold 0.7, gamma 0.25",
@@ -130,7 +150,25 @@ FINALISTS = {
     **{name: SCREEN[name] for name in ("control: KD + CWD (no condensation, no enhancement)",
                                        "ablation: mask, threshold 0.7, no enhancement")},
 }
-TABLES = {"methods": METHODS, "ablation": ABLATION, "screen": SCREEN, "finalists": FINALISTS}
+# The instrument pilot: can a setting tell the established methods from no distillation at all?
+PILOT = {name: METHODS[name] for name in ("baseline", "kd", "cwd")}
+# Revision 3's finalists, on the setting the pilot chose: the references, the default (C3), its
+# parts, and C3 with the quantile condensation that keeps a fixed share of the pixels.
+C3 = "C3 mask, cosine T 0.1, threshold 0.7, gamma 0.5"
+QUANTILE_READINGS = {
+    "Q8 C3 with quantile condensation, keep 0.8": dict(READINGS[C3], condense="quantile", keep=0.8),
+    "Q6 C3 with quantile condensation, keep 0.6": dict(READINGS[C3], condense="quantile", keep=0.6),
+    "Q8 without enhancement": dict(apply="mask", similarity="dot", threshold=0.7, condense="quantile", keep=0.8,
+                                   enhance=False),
+}
+FINALISTS = {
+    **PILOT,
+    **{name: SCREEN[name] for name in ("control: KD + CWD (no condensation, no enhancement)", C3,
+                                       "ablation: mask, threshold 0.7, no enhancement")},
+    **{name: fckd_flags(reading) for name, reading in QUANTILE_READINGS.items()},
+}
+TABLES = {"methods": METHODS, "ablation": ABLATION, "screen": SCREEN, "finalists-rev2": FINALISTS_REV2,
+          "pilot": PILOT, "finalists": FINALISTS}
 
 
 def run_dir(out, name, seed):
@@ -144,13 +182,16 @@ def run(name, seed, train_args, out, threads):
     train_cmd = [sys.executable, "train.py", *train_args, "--seed", str(seed), "--out", str(directory),
                  "--resume", "auto"]
     command = " ".join(["python", *train_cmd[1:]])
+    settings = train.parse_args(train_cmd[2:])
+    settings.teacher_sha256 = train.teacher_sha256(settings)
     if result_path.exists():
         result = json.loads(result_path.read_text())
-        # a finished run stands in for this one only if the same command made it (a setting edited since
-        # would otherwise put old numbers in the new table)
-        if result["train_command"] != command:
-            raise RuntimeError(f"{result_path} was made by another command:\n  {result['train_command']}\n"
-                               f"not this run's:\n  {command}\nmove {directory} away or pass another --runs")
+        # a finished run stands in for this one only if it was trained with the same settings, checked as
+        # train.py checks a resume (a setting edited since would otherwise put old numbers in the new table)
+        try:
+            train.check_resumed_settings(result["train_args"], settings, result_path)
+        except ValueError as e:
+            raise RuntimeError(f"{e}\n(move {directory} away or pass another --runs)") from None
         return result
     directory.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
@@ -167,7 +208,7 @@ def run(name, seed, train_args, out, threads):
             if "keep_ratio" in r]
     result = {"mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"], "per_class": metrics["per_class"],
               "keep_ratio_last": keep[-1] if keep else None, "minutes": (time.perf_counter() - start) / 60,
-              "train_command": command}
+              "train_command": command, "train_args": vars(settings)}
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{directory.name}: mIoU {result['mIoU']:.2f} mAcc {result['mAcc']:.2f} "
           f"({result['minutes']:.1f} min)", flush=True)
@@ -212,7 +253,8 @@ def main(argv=None):
     parser.add_argument("--setting", choices=SETTINGS, default="synthetic", help="default: %(default)s")
     parser.add_argument("--table", choices=TABLES, default="methods",
                         help="methods: baseline, KD, CWD, FCKD; ablation: FCKD's parts; screen: revision 2's "
-                             "candidates (default: %(default)s)")
+                             "candidates; finalists-rev2: revision 2's CamVid rows; pilot: baseline, KD, CWD; "
+                             "finalists: revision 3's rows (default: %(default)s)")
     parser.add_argument("--rows", nargs="+", metavar="NAME",
                         help="only these rows of the table (default: all); the teacher is always trained")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
@@ -231,18 +273,19 @@ def main(argv=None):
         variants = {name: flags for name, flags in variants.items() if name in args.rows}
     setting = SETTINGS[args.setting]
     out = Path(args.runs) / args.setting
+    teacher_out = Path(args.runs) / setting.get("teacher_setting", args.setting)  # S2 reuses S0's teacher
     # split the CPU threads between parallel runs instead of letting each take them all
     threads = None
     if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
     teacher_args = [*setting["common"], *setting["teacher"], *extra]
-    teacher_ckpt = str(run_dir(out, "teacher", 0) / "last.pt")
+    teacher_ckpt = str(run_dir(teacher_out, "teacher", 0) / "last.pt")
     jobs = [(name, seed, [*setting["common"], *setting["student"], *extra,
                           *(["--teacher-ckpt", teacher_ckpt, *flags] if flags else [])])
             for name, flags in variants.items() for seed in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
-        teacher_run = pool.submit(run, "teacher", 0, teacher_args, out, threads)
+        teacher_run = pool.submit(run, "teacher", 0, teacher_args, teacher_out, threads)
         # the students without a teacher train while it does, the others once it is done
         needs_teacher = ["--teacher-ckpt" in train_args for _, _, train_args in jobs]
         futures = {i: pool.submit(run, *job, out, threads) for i, job in enumerate(jobs) if not needs_teacher[i]}

@@ -74,8 +74,10 @@ def test_accuracy_runs_every_method_and_resumes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         accuracy.main(["--rows", "kd", "fckd gamma 9", *argv])
     assert "'fckd gamma 9' not in --table methods" in capsys.readouterr().err
-    # a finished run made by another command (a setting edited since) is refused, not reused
-    with pytest.raises(RuntimeError, match="teacher_s0/result.json was made by another command"):
+    # a finished run made with other settings (a setting edited since) is refused, not reused, by the check
+    # train.py makes on a resume
+    with pytest.raises(RuntimeError, match=r"teacher_s0/result.json: this run's settings differ from the ones it "
+                                           r"was trained with \(--lr: 0.1 in the checkpoint, 0.02 now\)"):
         accuracy.main([*argv, "--lr", "0.02"])
 
 
@@ -86,7 +88,8 @@ def test_screen_rows_train_exactly_the_readings_they_name():
     from bench import accuracy
     from fckd import FCKDLoss
 
-    defaults = {name: p.default for name, p in inspect.signature(FCKDLoss).parameters.items()}
+    defaults = {name: p.default for name, p in inspect.signature(FCKDLoss).parameters.items()
+                if name != "downsample"}  # train.py's logits are at the backbone's stride
     for name, reading in accuracy.READINGS.items():
         args = train.parse_args([*accuracy.SCREEN[name], "--teacher-ckpt", "t.pt"])
         settings = train.loss_settings(args)
@@ -104,12 +107,27 @@ def test_every_setting_and_table_row_is_a_valid_train_command():
     for setting in accuracy.SETTINGS.values():
         for role in ("teacher", "student"):
             train.parse_args([*setting["common"], *setting[role]])
-    for name, flags in accuracy.FINALISTS.items():
-        args = train.parse_args([*accuracy.SETTINGS["camvid-cpu"]["common"], *flags,
-                                 *(["--teacher-ckpt", "t.pt"] if flags else [])])
-        assert args.image_scale == 0.5 and (args.kd is None) == (name == "baseline"), name
-    assert accuracy.FINALISTS["C3 mask, cosine T 0.1, threshold 0.7, gamma 0.5"] == \
-        accuracy.fckd_flags(accuracy.READINGS["C3 mask, cosine T 0.1, threshold 0.7, gamma 0.5"])
+    for table in ("finalists-rev2", "pilot", "finalists"):
+        for name, flags in accuracy.TABLES[table].items():
+            args = train.parse_args([*accuracy.SETTINGS["camvid-cpu"]["common"], *flags,
+                                     *(["--teacher-ckpt", "t.pt"] if flags else [])])
+            assert args.image_scale == 0.5 and (args.kd is None) == (name == "baseline"), name
+    c3 = accuracy.READINGS["C3 mask, cosine T 0.1, threshold 0.7, gamma 0.5"]
+    assert accuracy.FINALISTS["C3 mask, cosine T 0.1, threshold 0.7, gamma 0.5"] == accuracy.fckd_flags(c3)
+    # revision 3's quantile rows are C3 with the quantile condensation, or its mask without enhancement
+    def settings(flags):
+        return train.loss_settings(train.parse_args([*flags, "--teacher-ckpt", "t.pt"]))
+
+    for keep in (0.8, 0.6):
+        name = f"Q{int(keep * 10)} C3 with quantile condensation, keep {keep}"
+        assert settings(accuracy.FINALISTS[name]) == {**settings(accuracy.fckd_flags(c3)), "condense": "quantile",
+                                                      "keep": keep}, name
+    plain = settings(accuracy.FINALISTS["Q8 without enhancement"])
+    assert (plain["condense"], plain["keep"], plain["apply"], plain["enhance"]) == ("quantile", 0.8, "mask", False)
+    # S2 is S0 with the labelled list on the students only, and S0's very teacher run
+    s0, s2 = accuracy.SETTINGS["camvid-cpu"], accuracy.SETTINGS["camvid-cpu-fewlabels"]
+    assert s2["teacher"] == s0["teacher"] and s2["common"] == s0["common"] and s2["teacher_setting"] == "camvid-cpu"
+    assert s2["student"] == [*s0["student"], "--labelled-list", "bench/camvid_train_1in8.txt"]
 
 
 def test_data_speed_runs_and_writes_json(tmp_path):

@@ -1,4 +1,5 @@
 import os
+import re
 
 import numpy as np
 import pytest
@@ -307,3 +308,47 @@ def test_bad_arguments():
         data.build_dataset("synthetic", None, "train", train=False, colour=True)
     with pytest.raises(ValueError, match="no options"):
         data.build_dataset("camvid", "somewhere", "train", train=False, seed=1)
+
+
+# ----------------------------------------------------------------------------- labelled lists
+
+def test_labelled_list_in_each_datasets_own_format(tmp_path):
+    make_camvid(tmp_path / "camvid", np.random.default_rng(20))
+    camvid = data.build_dataset("camvid", tmp_path / "camvid", "train", train=False)
+    listing = tmp_path / "camvid_list.txt"
+    listing.write_text("train/0002.jpg trainannot/0002.png\n\n")  # train.txt's format; blank lines skipped
+    assert data.labelled_indices(camvid, listing) == [1]
+    make_voc(tmp_path / "voc", np.random.default_rng(21))
+    voc = data.build_dataset("voc", tmp_path / "voc", "train", train=False)
+    listing.write_text("b\na\nb\n")  # VOC ids; a repeat counts once
+    assert data.labelled_indices(voc, listing) == [0, 1]
+    synthetic = data.build_dataset("synthetic", None, "train", train=False, length=8, image_size=32)
+    listing.write_text("7\n0\n")
+    assert data.labelled_indices(synthetic, listing) == [0, 7]
+
+
+def test_labelled_list_errors_name_the_file_and_line(tmp_path):
+    synthetic = data.build_dataset("synthetic", None, "train", train=False, length=8, image_size=32)
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(ValueError, match=f"--labelled-list: {re.escape(str(missing))} not found"):
+        data.labelled_indices(synthetic, missing)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(ValueError, match=f"--labelled-list: {re.escape(str(empty))} lists no frame"):
+        data.labelled_indices(synthetic, empty)
+    stranger = tmp_path / "stranger.txt"
+    stranger.write_text("1\n8\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(stranger))} line 2 names '8', which is not a frame of the "
+                                         r"training split \(8 frames\)"):
+        data.labelled_indices(synthetic, stranger)
+
+
+def test_partly_labelled_keeps_the_image_and_ignores_the_labels_of_unlisted_frames():
+    synthetic = data.build_dataset("synthetic", None, "train", train=False, length=4, image_size=32)
+    partly = data.PartlyLabelled(synthetic, [2])
+    assert len(partly) == 4 and partly.num_classes == synthetic.num_classes
+    for index in range(4):
+        image, label = partly[index]
+        want_image, want_label = synthetic[index]
+        assert torch.equal(image, want_image)
+        assert torch.equal(label, want_label) if index == 2 else (label == data.IGNORE_INDEX).all()

@@ -122,7 +122,10 @@ def test_fckd_flags_default_to_fckdloss_defaults():
     args = train.parse_args(["--teacher-ckpt", "t.pt"])
     assert args.kd == "fckd"
     defaults = {name: p.default for name, p in inspect.signature(FCKDLoss).parameters.items()}
-    assert defaults == {"condense": args.fckd_condense, "threshold": args.fckd_threshold, "apply": args.fckd_apply,
+    # train.py's nets give logits at the backbone's stride, not upsampled: no downsampling
+    assert defaults.pop("downsample") == 1
+    assert defaults == {"condense": args.fckd_condense, "threshold": args.fckd_threshold, "keep": args.fckd_keep,
+                        "apply": args.fckd_apply,
                         "enhance": args.fckd_enhance, "similarity": args.fckd_similarity,
                         "temperature": args.fckd_temperature, "gamma": args.fckd_gamma,
                         "tau_spatial": args.tau_spatial, "tau_channel": args.tau_channel,
@@ -132,11 +135,11 @@ def test_fckd_flags_default_to_fckdloss_defaults():
 
 def test_fckd_flags_map_one_to_one_to_fckdloss():
     args = train.parse_args(["--teacher-ckpt", "t.pt", "--fckd-condense", "soft", "--fckd-threshold", "0.4",
-                             "--fckd-apply", "mask", "--no-fckd-enhance", "--fckd-similarity", "cosine",
-                             "--fckd-temperature", "0.05", "--fckd-gamma", "0.5", "--tau-spatial", "2",
+                             "--fckd-keep", "0.6", "--fckd-apply", "mask", "--no-fckd-enhance",
+                             "--fckd-similarity", "cosine", "--fckd-temperature", "0.05", "--fckd-gamma", "0.5", "--tau-spatial", "2",
                              "--tau-channel", "3", "--lambda-spatial", "0.5", "--lambda-channel", "2"])
     assert train.loss_settings(args) == {
-        "condense": "soft", "threshold": 0.4, "apply": "mask", "enhance": False, "similarity": "cosine",
+        "condense": "soft", "threshold": 0.4, "keep": 0.6, "apply": "mask", "enhance": False, "similarity": "cosine",
         "temperature": 0.05, "gamma": 0.5, "tau_spatial": 2.0, "tau_channel": 3.0, "lambda_spatial": 0.5,
         "lambda_channel": 2.0}
 
@@ -191,6 +194,153 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path, monke
     assert resumed["best_miou"] == uninterrupted["best_miou"]
     assert [r["lr"] for r in read_log(tmp_path / "b") if "lr" in r][-2:] == \
         [r["lr"] for r in read_log(tmp_path / "a") if "lr" in r][-2:]
+
+
+@pytest.fixture(scope="module")
+def stopped_runs(tmp_path_factory, teacher_ckpt):
+    """A baseline and an FCKD run of 2 of 4 iterations each (last.pt at 2), to resume with other flags."""
+    root = tmp_path_factory.mktemp("stopped")
+    flags = ["--iters", 4, "--save-every", 2]
+    real_losses = train.train_losses
+
+    def stop_after_two(*args, **kwargs):  # KeyboardInterrupt in step 3: last.pt holds iteration 2
+        stop_after_two.calls += 1
+        if stop_after_two.calls == 3:
+            raise KeyboardInterrupt
+        return real_losses(*args, **kwargs)
+
+    for name, extra in (("baseline", []), ("fckd", ["--teacher-ckpt", teacher_ckpt])):
+        stop_after_two.calls = 0
+        train.train_losses = stop_after_two
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run(root / name, *flags, *extra)
+        finally:
+            train.train_losses = real_losses
+    return root, [str(f) for f in flags]
+
+
+def resume_error(capsys, out, flags):
+    return cli_error(capsys, TINY + ["--out", str(out), "--resume", "auto"] + flags)
+
+
+@pytest.mark.parametrize("changed, named", [
+    # data
+    (["--synthetic-length", "8"], ["--synthetic-length: 16 in the checkpoint, 8 now"]),
+    (["--synthetic-size", "48"], ["--synthetic-size: 32 in the checkpoint, 48 now"]),
+    # schedule and optimiser: each differing flag is named, with both values
+    (["--iters", "3", "--lr", "0.01"],
+     ["--iters: 4 in the checkpoint, 3 now", "--lr: 0.1 in the checkpoint, 0.01 now"]),
+    (["--batch-size", "2"], ["--batch-size: 4 in the checkpoint, 2 now"]),
+    (["--seed", "1"], ["--seed: 0 in the checkpoint, 1 now"]),
+    (["--crop-size", "32"], ["--crop-size: None in the checkpoint, [32, 32] now"]),
+    (["--weight-decay", "0"], ["--weight-decay: 0.0001 in the checkpoint, 0.0 now"]),
+    (["--amp", "bf16"], ["--amp: None in the checkpoint, 'bf16' now"]),
+    # model
+    (["--output-stride", "16"], ["--output-stride: 8 in the checkpoint, 16 now"]),
+])
+def test_resume_refuses_changed_settings_naming_each_flag(stopped_runs, capsys, changed, named):
+    root, flags = stopped_runs
+    err = resume_error(capsys, root / "baseline", flags + changed)
+    assert err.startswith(f"error: cannot resume from {root / 'baseline' / 'last.pt'}: this run's settings differ")
+    for text in named:
+        assert text in err
+    assert err.count(" in the checkpoint, ") == len(named)  # nothing else is named
+    assert "start a new run (another --out, or --overwrite to replace this one)" in err
+    assert load_checkpoint(root / "baseline" / "last.pt")["iteration"] == 2  # untouched
+
+
+def test_resume_refuses_to_turn_a_baseline_into_a_distilled_run(stopped_runs, capsys, teacher_ckpt):
+    root, flags = stopped_runs
+    for kd in ("kd", "fckd"):
+        err = resume_error(capsys, root / "baseline", flags + ["--teacher-ckpt", teacher_ckpt, "--kd", kd])
+        assert f"--kd: None in the checkpoint, '{kd}' now" in err
+        assert f"--teacher-ckpt: None in the checkpoint, '{teacher_ckpt}' now" in err
+        assert "the teacher checkpoint's content (SHA-256): None in the checkpoint" in err
+
+
+@pytest.mark.parametrize("changed, named", [
+    (["--fckd-gamma", "1.0"], "--fckd-gamma: 0.5 in the checkpoint, 1.0 now"),
+    (["--fckd-condense", "quantile"], "--fckd-condense: 'hard' in the checkpoint, 'quantile' now"),
+    (["--fckd-keep", "0.6"], "--fckd-keep: 0.8 in the checkpoint, 0.6 now"),
+    (["--no-fckd-enhance"], "--no-fckd-enhance: True in the checkpoint, False now"),
+    (["--tau-channel", "2"], "--tau-channel: 4.0 in the checkpoint, 2.0 now"),
+    (["--kd", "cwd"], "--kd: 'fckd' in the checkpoint, 'cwd' now"),
+])
+def test_resume_refuses_changed_distillation_settings(stopped_runs, capsys, teacher_ckpt, changed, named):
+    root, flags = stopped_runs
+    err = resume_error(capsys, root / "fckd", flags + ["--teacher-ckpt", teacher_ckpt] + changed)
+    assert named in err and err.count(" in the checkpoint, ") == 1
+
+
+def test_resume_refuses_a_teacher_file_that_changed_on_disk(stopped_runs, capsys, teacher_ckpt, tmp_path):
+    root, flags = stopped_runs
+    changed = tmp_path / "teacher.pt"  # the same path, other bytes: a copy of the run and its teacher, re-saved
+    checkpoint = load_checkpoint(teacher_ckpt)
+    checkpoint["best_miou"] = 99.0
+    save_checkpoint(checkpoint, changed)
+    run_copy = tmp_path / "fckd"
+    run_copy.mkdir()
+    student = load_checkpoint(root / "fckd" / "last.pt")
+    assert student["args"]["teacher_sha256"] == train.file_sha256(teacher_ckpt)
+    student["args"]["teacher_ckpt"] = str(changed)  # as if the run had been started with this path
+    save_checkpoint(student, run_copy / "last.pt")
+    err = resume_error(capsys, run_copy, flags + ["--teacher-ckpt", str(changed)])
+    assert (f"the teacher checkpoint's content (SHA-256): '{train.file_sha256(teacher_ckpt)}' in the checkpoint, "
+            f"'{train.file_sha256(changed)}' now") in err
+    assert err.count(" in the checkpoint, ") == 1
+
+
+def test_resume_accepts_settings_that_do_not_change_the_result(stopped_runs, tmp_path, teacher_ckpt):
+    root, flags = stopped_runs
+    for name, extra in (("baseline", []), ("fckd", ["--teacher-ckpt", teacher_ckpt])):
+        out = tmp_path / name
+        out.mkdir()
+        save_checkpoint(load_checkpoint(root / name / "last.pt"), out / "last.pt")
+        resumed = run(out, *flags, *extra, "--resume", "auto", "--workers", 1, "--log-every", 3, "--val-every", 4,
+                      "--save-every", 1)
+        assert resumed["iteration"] == 4
+
+
+def test_resume_of_a_checkpoint_without_a_newer_setting_takes_its_default(stopped_runs, tmp_path):
+    """A checkpoint written before a flag existed was trained with that flag's default."""
+    root, flags = stopped_runs
+    out = tmp_path / "older"
+    out.mkdir()
+    checkpoint = load_checkpoint(root / "baseline" / "last.pt")
+    for key in ("labelled_list", "fckd_keep", "teacher_sha256"):
+        del checkpoint["args"][key]
+    save_checkpoint(checkpoint, out / "last.pt")
+    assert run(out, *flags, "--resume", "auto")["iteration"] == 4
+
+
+# -----------------------------------------------------------------------------
+# --labelled-list
+
+
+def test_labelled_list_distils_on_every_frame_and_labels_only_the_listed_ones(tmp_path, teacher_ckpt):
+    listing = tmp_path / "labelled.txt"
+    listing.write_text("3\n")  # 1 frame of 16: most batches of 4 have no label at all
+    common = TINY + ["--labelled-list", str(listing)]
+    distilled = train.parse_args(common + ["--out", str(tmp_path / "d"), "--teacher-ckpt", teacher_ckpt])
+    train_set, _, _, loader, batches_per_epoch = train.training_data(distilled, 0, 1, False)
+    assert len(train_set) == 16 and batches_per_epoch == 4  # every frame is sampled
+    labels = [loader.dataset[(0, i)][1] for i in range(16)]
+    assert [bool((label != 255).any()) for label in labels] == [i == 3 for i in range(16)]
+    baseline = train.parse_args(common + ["--out", str(tmp_path / "b"), "--batch-size", "1"])
+    _, _, _, loader, batches_per_epoch = train.training_data(baseline, 0, 1, False)
+    assert batches_per_epoch == 1 and (loader.dataset[(0, 0)][1] != 255).any()  # only frame 3 is sampled
+
+    ckpt = run(tmp_path / "run", "--iters", 4, "--teacher-ckpt", teacher_ckpt, "--labelled-list", listing)
+    assert ckpt["args"]["labelled_list"] == str(listing) and ckpt["iteration"] == 4
+    assert ckpt["unlabelled_batches"] == 3  # frame 3 is in one batch of the epoch; the other three add 0 CE
+
+
+def test_a_labelled_list_with_fewer_frames_than_a_batch_is_refused(tmp_path, capsys):
+    listing = tmp_path / "labelled.txt"
+    listing.write_text("3\n5\n")
+    err = cli_error(capsys, TINY + ["--out", str(tmp_path / "b"), "--labelled-list", str(listing)])
+    assert err == f"error: the synthetic labelled list {listing} has 2 images, fewer than the global batch size 4"
 
 
 def test_seeded_samples_repeat_per_epoch_and_leave_the_global_rng_alone():
