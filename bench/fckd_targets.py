@@ -2,6 +2,13 @@
 
     python bench/fckd_targets.py --teacher-ckpt runs/accuracy/synthetic/teacher_s0/last.pt
     python bench/fckd_targets.py --teacher-ckpt T.pt --readings "C1 revision 1: multiply, dot, threshold 0.7, gamma 1"
+    python bench/fckd_targets.py --teacher-ckpt runs/accuracy/camvid-cpu/teacher_s0/last.pt --premise
+
+--premise: the premise of condensation, before any training with it. For each condensation
+(quantile keep 1, 0.9, 0.8, 0.6, 0.4; hard threshold 0.7, 0.5, 0.3, 0.2), the share of pixels kept
+and the teacher's pixel accuracy on the labelled pixels it keeps and on those it drops: if
+low-entropy pixels are not clearly more accurate, dropping the others has nothing to give.
+Writes bench/results/fckd_premise_DATASET.json.
 
 One row per FCKD reading (bench/accuracy.py's READINGS: apply, similarity, temperature, hard
 threshold, gamma). For each, it runs the teacher on every val image and reports, with M the
@@ -27,6 +34,7 @@ The attention matrices are formed explicitly here, one image at a time (N x N fl
 """
 
 import argparse
+import functools
 import math
 import sys
 from collections import Counter
@@ -43,6 +51,9 @@ from data import IGNORE_INDEX  # noqa: E402
 from fckd import DEFAULT_TEMPERATURE, condensation_matrix, soft_enhance  # noqa: E402
 from utils import dataset_from_checkpoint, model_from_checkpoint, upsample  # noqa: E402
 
+PREMISE = [("quantile", keep) for keep in (1.0, 0.9, 0.8, 0.6, 0.4)] + \
+          [("hard", threshold) for threshold in (0.7, 0.5, 0.3, 0.2)]
+PREMISE_COLUMNS = ("keep", "labelled_kept", "accuracy_kept", "accuracy_dropped")
 COLUMNS = ("keep", "dropped_mass_present", "dropped_mass_absent", "spatial_support", "spatial_self_weight",
            "spatial_top_weight", "spatial_same_class_weight", "channel_support", "channel_self_weight",
            "channel_attends_elsewhere", "argmax_changed_spatial", "argmax_changed_channel", "accuracy_t",
@@ -115,6 +126,24 @@ def target_statistics(logits, label, reading, tau_channel):
     return sums, counts
 
 
+def premise_statistics(logits, label, condense, value):
+    """Sums and counts (Counters) of PREMISE_COLUMNS for one image: M = condensation_matrix(logits,
+    condense, threshold or keep = value) at the logits' size; the labelled pixels kept or dropped
+    are those where M, upsampled to the label size, is above or below 1/2."""
+    option = {"keep": value} if condense == "quantile" else {"threshold": value}
+    keep = condensation_matrix(logits, condense, **option)
+    size = label.shape[-2:]
+    kept = upsample(keep, size)[0, 0] > 0.5
+    labelled = label[0] != IGNORE_INDEX
+    correct = (upsample(logits, size)[0].argmax(0) == label[0]).float() * 100
+    sums, counts = Counter(), Counter()
+    for name, values in (("keep", keep), ("labelled_kept", kept[labelled].float()),
+                         ("accuracy_kept", correct[labelled & kept]), ("accuracy_dropped", correct[labelled & ~kept])):
+        sums[name] += values.sum().item()
+        counts[name] += values.numel()
+    return sums, counts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher-ckpt", required=True, help="a teacher checkpoint written by train.py")
@@ -122,6 +151,8 @@ def main(argv=None):
                         help="rows of bench/accuracy.py's READINGS (default: all)")
     parser.add_argument("--tau-channel", type=float, default=4.0, help="default: %(default)s")
     parser.add_argument("--max-images", type=int, help="only the first N val images")
+    parser.add_argument("--premise", action="store_true",
+                        help="the condensations' keep ratio and teacher accuracy on kept vs dropped pixels instead")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,28 +161,38 @@ def main(argv=None):
     dataset = dataset_from_checkpoint(checkpoint, "val")
     images = range(min(len(dataset), args.max_images or len(dataset)))
 
-    totals = {name: (Counter(), Counter()) for name in args.readings}
+    if args.premise:
+        names = [f"{condense} {value}" for condense, value in PREMISE]
+        statistics, columns = dict(zip(names, (functools.partial(premise_statistics, condense=c, value=v)
+                                               for c, v in PREMISE))), PREMISE_COLUMNS
+    else:
+        names, columns = args.readings, COLUMNS
+        statistics = {name: functools.partial(target_statistics, reading=READINGS[name], tau_channel=args.tau_channel)
+                      for name in names}
+    totals = {name: (Counter(), Counter()) for name in names}
     with torch.no_grad():
         for index in images:
             image, label = dataset[index]
             logits = teacher(image[None].to(device))["out"].float()
-            for name in args.readings:
-                sums, counts = target_statistics(logits, label[None].to(device), READINGS[name], args.tau_channel)
+            for name in names:
+                sums, counts = statistics[name](logits, label[None].to(device))
                 totals[name][0].update(sums)
                 totals[name][1].update(counts)
-    rows = [{"reading": name, **READINGS[name],
-             **{column: sums[column] / counts[column] if counts[column] else None for column in COLUMNS}}
+    rows = [{"reading": name, **(dict(zip(("condense", "value"), PREMISE[names.index(name)])) if args.premise
+                                 else READINGS[name]),
+             **{column: sums[column] / counts[column] if counts[column] else None for column in columns}}
             for name, (sums, counts) in totals.items()]
 
     print(f"{args.teacher_ckpt} on {checkpoint['dataset']} val ({len(images)} images)")
-    print("| " + " | ".join(("reading", *COLUMNS)) + " |")
-    print("|" + " --- |" * (len(COLUMNS) + 1))
+    print("| " + " | ".join(("reading", *columns)) + " |")
+    print("|" + " --- |" * (len(columns) + 1))
     for row in rows:
-        print("| " + " | ".join([row["reading"], *("-" if row[k] is None else f"{row[k]:.3f}" for k in COLUMNS)])
+        print("| " + " | ".join([row["reading"], *("-" if row[k] is None else f"{row[k]:.3f}" for k in columns)])
               + " |")
     header = {**describe_run("fckd_targets.py", argv, device), "teacher_ckpt": args.teacher_ckpt,
               "dataset": checkpoint["dataset"], "images": len(images)}
-    save_results(args.out, f"fckd_targets_{checkpoint['dataset']}.json", header, rows)
+    kind = "premise" if args.premise else "targets"
+    save_results(args.out, f"fckd_{kind}_{checkpoint['dataset']}.json", header, rows)
     return rows
 
 

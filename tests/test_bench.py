@@ -206,3 +206,36 @@ def test_fckd_targets_runs_and_keeps_everything_at_threshold_1(tmp_path):
     metrics = segmentation_metrics(evaluate(teacher, dataset, torch.device("cpu")), dataset.class_names)
     assert math.isclose(rows[0]["accuracy_t"], metrics["aAcc"], abs_tol=1e-3)
     assert json.loads((tmp_path / "fckd_targets_synthetic.json").read_text())["rows"] == rows
+
+
+def test_premise_statistics_on_a_worked_example():
+    from bench.fckd_targets import premise_statistics
+
+    # pixel a: confident and right; pixel b: uncertain (Hn = 1) and wrong; pixel c: fairly sure and wrong
+    logits = torch.tensor([[10.0, 0.0], [0.0, 0.0], [0.0, 3.0]]).T.reshape(1, 2, 1, 3)
+    label = torch.tensor([[[0, 1, 0]]])
+    for condense, value, kept in (("hard", 0.5, "ac"), ("hard", 1.0, "abc"), ("quantile", 0.33, "a"),
+                                  ("quantile", 0.6, "ac"), ("quantile", 1.0, "abc")):
+        sums, counts = premise_statistics(logits, label, condense, value)
+        mean = {k: sums[k] / counts[k] if counts[k] else None for k in counts}
+        assert mean["keep"] == pytest.approx(len(kept) / 3) and mean["labelled_kept"] == pytest.approx(len(kept) / 3)
+        right = {"a": 100.0, "b": 0.0, "c": 0.0}
+        assert mean["accuracy_kept"] == pytest.approx(sum(right[p] for p in kept) / len(kept))
+        dropped = [p for p in "abc" if p not in kept]
+        assert mean["accuracy_dropped"] == (pytest.approx(sum(right[p] for p in dropped) / len(dropped)) if dropped
+                                            else None)
+
+
+def test_fckd_targets_premise_runs_and_writes_json(tmp_path):
+    import train
+    from bench import fckd_targets
+
+    train.main(["--synthetic-length", "3", "--synthetic-size", "32", "--width", "0.125", "--batch-size", "2",
+                "--iters", "2", "--out", str(tmp_path / "teacher")])
+    rows = fckd_targets.main(["--teacher-ckpt", str(tmp_path / "teacher" / "last.pt"), "--premise",
+                              "--out", str(tmp_path)])
+    assert [row["reading"] for row in rows] == [f"{c} {v}" for c, v in fckd_targets.PREMISE]
+    assert rows[0]["keep"] == 1.0 and rows[0]["accuracy_dropped"] is None  # quantile 1 keeps every pixel
+    keeps = [row["keep"] for row in rows[:5]]
+    assert keeps == sorted(keeps, reverse=True)  # quantile 1 ... 0.4 keeps less and less
+    assert json.loads((tmp_path / "fckd_premise_synthetic.json").read_text())["rows"] == rows
