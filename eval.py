@@ -6,11 +6,21 @@ Evaluate a train.py checkpoint: per-class IoU and Acc, aAcc, mAcc and mIoU on wh
     python eval.py --ckpt best.pt --window 512 1024          # sliding window, for large images
     torchrun --nproc_per_node=8 eval.py --ckpt best.pt        # each rank a share of the images
     python eval.py --ckpt student.pt --teacher-ckpt teacher.pt --save-dir pictures
+    python eval.py --ckpt best.pt --export student.pt2 --export-size 512 512   # deploy: no evaluation
 
 The model, dataset and data root come from the checkpoint; --dataset/--data-root/--split
 override them. --save-dir writes, for the first --save-max images, image | label | prediction
 side by side, and with --teacher-ckpt the teacher's normalised pixel entropy and FCKD's hard
 condensation matrix (white = pixels FCKD distils, black = pixels it drops) as grey pictures.
+
+--export writes the checkpoint's net as a torch.export program, in eval mode on the CPU, and
+exits without evaluating. It takes a float32 batch N x 3 x H x W, normalised as data.py
+normalises images, and returns the N x K x H x W logits (the net's "out", upsampled bilinearly
+as eval.py predicts), a plain tensor: batch size dynamic, input size fixed at export. It loads
+without this project's files:
+
+    program = torch.export.load("student.pt2")
+    logits = program.module()(images)
 """
 
 import argparse
@@ -22,14 +32,19 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import save_image
 
-from data import DATASET_NAMES, IGNORE_INDEX, MEAN, STD
+from data import DATASET_NAMES, IGNORE_INDEX, MEAN, STD, SYNTHETIC_SIZE
 from fckd import DEFAULT_THRESHOLD, condensation_matrix, pixel_entropy
-from utils import (autocast, check_num_classes, dataset_from_checkpoint, evaluate, format_metrics, is_main,
-                   memory_format, model_from_checkpoint, resolve_amp, run_cli, segmentation_metrics, setup_distributed,
-                   teardown_distributed, upsample, writable_file, writable_folder)
+from utils import (atomic_write, autocast, check_num_classes, dataset_from_checkpoint, evaluate, format_metrics,
+                   is_main, memory_format, model_from_checkpoint, resolve_amp, run_cli, segmentation_metrics,
+                   setup_distributed, teardown_distributed, upsample, writable_file, writable_folder)
 
 IGNORE_COLOUR = (255, 255, 255)  # white: several palettes use black for a real class
 SCALES = (0.25, 4.0)  # beyond these an image is a few logits wide, or 16 times the pixels of the original
+MIN_EXPORT_SIZE = 32  # pixels a side, as train.py's MIN_CROP: the smallest input the nets are trained on
+EXPORT_BATCH = 2  # the example batch torch.export traces: a batch of 1 would fix the batch size at 1
+# the flags of an evaluation, which --export (export only) would silently ignore
+EVALUATION_FLAGS = ("dataset", "data_root", "split", "image_scale", "flip", "scales", "window", "amp", "workers",
+                    "json", "save_dir", "save_max", "teacher_ckpt", "fckd_threshold")
 
 
 def parse_args(argv=None):
@@ -53,6 +68,13 @@ def parse_args(argv=None):
     p.add_argument("--teacher-ckpt", help="with --save-dir: also picture this teacher's entropy and condensation")
     p.add_argument("--fckd-threshold", type=float, help="entropy threshold of the pictured condensation matrix "
                    f"(default: the student's --fckd-threshold if it was trained with one, else {DEFAULT_THRESHOLD})")
+    p.add_argument("--export", metavar="PATH",
+                   help="write the net as a torch.export program (.pt2) to this new file and exit without evaluating; "
+                   "it maps a normalised float32 batch N x 3 x H x W to its N x K x H x W logits: batch size dynamic, "
+                   "input size fixed at export (--export-size). An existing file is never overwritten")
+    p.add_argument("--export-size", type=int, nargs=2, metavar=("H", "W"),
+                   help=f"with --export: the input size, each side at least {MIN_EXPORT_SIZE} (default: the "
+                   "training crop size of the checkpoint's run; for the synthetic set its image size)")
     args = p.parse_args(argv)
     if not all(SCALES[0] <= s <= SCALES[1] for s in args.scales):  # NaN fails too
         p.error(f"--scales must each be in [{SCALES[0]}, {SCALES[1]}], got {' '.join(map(str, args.scales))}")
@@ -64,6 +86,15 @@ def parse_args(argv=None):
         p.error(f"--workers must be >= 0, got {args.workers}")
     if args.teacher_ckpt and not args.save_dir:
         p.error("--teacher-ckpt is only used for the pictures: pass --save-dir too")
+    if args.export_size and not args.export:
+        p.error("--export-size is only used with --export: pass --export PATH too")
+    if args.export_size and min(args.export_size) < MIN_EXPORT_SIZE:
+        p.error(f"--export-size must be two ints of at least {MIN_EXPORT_SIZE}, got "
+                f"{' '.join(map(str, args.export_size))}")
+    if args.export:
+        ignored = [f"--{key.replace('_', '-')}" for key in EVALUATION_FLAGS if getattr(args, key) != p.get_default(key)]
+        if ignored:
+            p.error(f"--export writes the program and exits without evaluating: drop {' '.join(ignored)}")
     return args
 
 
@@ -90,7 +121,11 @@ def main(argv=None):
     args = parse_args(argv)
     _, _, device = setup_distributed()
     try:
-        evaluate_checkpoint(args, device)
+        if args.export:
+            if is_main():  # one program, one writer (under torchrun the other ranks have nothing to do)
+                export_checkpoint(args)
+        else:
+            evaluate_checkpoint(args, device)
     finally:
         teardown_distributed()
 
@@ -162,6 +197,59 @@ def picture_writer(args, checkpoint, dataset, dataset_name, device, amp):
             Image.fromarray(to_grey(keep)).save(stem + "_condensation.png")
 
     return save_pictures
+
+
+# -----------------------------------------------------------------------------
+# --export: a deployable net
+
+
+class LogitsAtInputSize(torch.nn.Module):
+    """The net as deployed: N x 3 x H x W normalised images -> N x K x H x W float32 logits, the
+    net's "out" upsampled as predict() does for one scale, and a plain tensor (no dict)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return upsample(self.model(images)["out"].float(), images.shape[-2:])
+
+
+def new_file(path, flag):
+    """ValueError naming `flag` if `path` exists (nothing overwrites a user's file unasked) or cannot be written."""
+    if os.path.lexists(path):
+        raise ValueError(f"{flag} {path} exists: remove it or pass another path (nothing is overwritten)")
+    writable_file(path, flag)
+
+
+def export_size(checkpoint, path):
+    """--export-size's default: the training crop of the checkpoint's run, or the synthetic set's image size."""
+    trained = checkpoint["args"]
+    if checkpoint["dataset"] == "synthetic":
+        side = trained.get("synthetic_size") or SYNTHETIC_SIZE
+        return side, side
+    crop = trained.get("crop_size")
+    if not crop:
+        raise ValueError(f"{path} stores no training crop size: pass --export-size H W")
+    return (crop[0], crop[-1])  # H or H W
+
+
+def export_checkpoint(args):
+    """Write --ckpt's net (LogitsAtInputSize, eval mode, CPU) as a torch.export program at --export:
+    the batch dimension dynamic, the input size --export-size or export_size's default."""
+    new_file(args.export, "--export")  # before the checkpoint is loaded and the net traced
+    model, checkpoint = model_from_checkpoint(args.ckpt)
+    height, width = args.export_size or export_size(checkpoint, args.ckpt)
+    net = LogitsAtInputSize(model).eval()
+    example = torch.zeros(EXPORT_BATCH, 3, height, width)
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
+    new_file(args.export, "--export")  # again: the tracing took a while, and atomic_write replaces any file
+    atomic_write(args.export, lambda f: torch.export.save(program, f))
+    print(f"wrote {args.export}: {checkpoint['model_name']} of {args.ckpt} as a torch.export program, "
+          f"float32 N x 3 x {height} x {width} -> N x {checkpoint['num_classes']} x {height} x {width} logits "
+          "(batch size N dynamic, input size fixed)")
 
 
 if __name__ == "__main__":

@@ -407,7 +407,9 @@ class FCKDLoss(torch.nn.Module):
                 event.record()
         if any(count.item() == 0 for count in counts):
             self._warned_empty = True
-            setting = f"condense={self.condense!r}" + (f", threshold={self.threshold}" if self.condense == "hard" else "")
+            setting = f"condense={self.condense!r}"
+            if self.condense == "hard":
+                setting += f", threshold={self.threshold}"
             warnings.warn(
                 f"FCKDLoss ({setting}): the condensation matrix kept no pixel of a whole batch, so its distillation "
                 "loss is 0; the teacher is uncertain everywhere (untrained?). A higher threshold, or "

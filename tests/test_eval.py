@@ -13,7 +13,7 @@ import eval as evaluate_script
 import train
 from data import MEAN, STD, build_dataset
 from fckd import condensation_matrix, pixel_entropy
-from utils import load_checkpoint, model_from_checkpoint, run_cli, save_checkpoint, upsample
+from utils import load_checkpoint, model_from_checkpoint, predict, run_cli, save_checkpoint, upsample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = build_dataset("synthetic", None, "val", False, length=1, image_size=32).class_names
@@ -240,3 +240,98 @@ def test_a_run_at_a_reduced_image_scale_is_scored_and_pictured_at_full_resolutio
     assert json.loads((tmp_path / "metrics.json").read_text())["mIoU"] is not None
     assert Image.open(pictures / "00000.png").size == (3 * 48, 40)
     assert Image.open(pictures / "00000_entropy.png").size == Image.open(pictures / "00000_condensation.png").size == (48, 40)
+
+
+# -----------------------------------------------------------------------------
+# --export: a deployable student
+
+# run in a clean process: isolated (-I: no PYTHONPATH, no script folder or cwd on sys.path), in
+# a folder without this project's files, which it checks are out of reach
+LOAD_EXPORTED = """
+import importlib.util, sys, torch
+assert not any(importlib.util.find_spec(name) for name in ("models", "utils", "eval", "data")), sys.path
+program = torch.export.load(sys.argv[1])
+images = torch.load(sys.argv[2])
+torch.save({n: program.module()(images[:n]) for n in (1, 3)}, sys.argv[3])
+"""
+
+
+def test_export_writes_a_program_that_loads_without_the_project_and_gives_the_checkpoints_logits(
+        trained, tmp_path, capsys, nothing_evaluated):
+    program = tmp_path / "student.pt2"
+    out = run_eval(capsys, "--ckpt", trained / "last.pt", "--export", program)
+    assert out.strip().splitlines() == [
+        f"wrote {program}: deeplabv3_resnet18 of {trained / 'last.pt'} as a torch.export program, float32 "
+        f"N x 3 x 32 x 32 -> N x {len(CLASSES)} x 32 x 32 logits (batch size N dynamic, input size fixed)"]
+    assert sorted(os.listdir(tmp_path)) == ["student.pt2"]  # no temporary file left
+
+    images = torch.randn(3, 3, 32, 32)
+    torch.save(images, tmp_path / "images.pt")
+    clean = subprocess.run([sys.executable, "-I", "-c", LOAD_EXPORTED, "student.pt2", "images.pt", "logits.pt"],
+                           cwd=tmp_path, env={"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "")},
+                           capture_output=True, text=True, timeout=120)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    logits = torch.load(tmp_path / "logits.pt")
+
+    model, _ = model_from_checkpoint(trained / "last.pt")
+    model.eval()
+    for n in (1, 3):
+        with torch.no_grad():
+            expected = upsample(model(images[:n])["out"], (32, 32))
+        assert logits[n].dtype == torch.float32 and logits[n].shape == (n, len(CLASSES), 32, 32)
+        torch.testing.assert_close(logits[n], expected)
+    # eval.py's own prediction of an image is the softmax of these logits
+    torch.testing.assert_close(logits[1].softmax(1), predict(model, images[:1]))
+
+
+def test_export_takes_the_input_size_given_and_only_that(trained, tmp_path, capsys):
+    program = tmp_path / "student.pt2"
+    out = run_eval(capsys, "--ckpt", trained / "last.pt", "--export", program, "--export-size", 32, 48)
+    assert "N x 3 x 32 x 48 -> " in out
+    deployed = torch.export.load(program).module()
+    assert deployed(torch.randn(2, 3, 32, 48)).shape == (2, len(CLASSES), 32, 48)
+    with pytest.raises(Exception, match=r"Guard failed: images.size\(\)\[3\] == 48"):  # the input size is fixed
+        deployed(torch.randn(2, 3, 32, 32))
+
+
+def test_export_refuses_an_existing_file_an_unwritable_folder_and_bad_sizes(trained, tmp_path, capsys):
+    ckpt = str(trained / "last.pt")
+    existing = tmp_path / "student.pt2"
+    existing.write_text("the user's file")
+    assert cli_error(capsys, ["--ckpt", ckpt, "--export", str(existing)]) == (
+        f"error: --export {existing} exists: remove it or pass another path (nothing is overwritten)")
+    assert existing.read_text() == "the user's file"
+    missing = tmp_path / "no" / "student.pt2"
+    assert cli_error(capsys, ["--ckpt", ckpt, "--export", str(missing)]) == (
+        f"error: --export {missing} cannot be written: {tmp_path / 'no'} does not exist")
+    assert cli_error(capsys, ["--ckpt", ckpt, "--export", str(tmp_path)]) == (
+        f"error: --export {tmp_path} exists: remove it or pass another path (nothing is overwritten)")
+
+    for size, message in ((["31", "64"], "--export-size must be two ints of at least 32, got 31 64"),
+                          (["64", "0"], "--export-size must be two ints of at least 32, got 64 0"),
+                          (["64", "-64"], "--export-size must be two ints of at least 32, got 64 -64"),
+                          (["64"], "--export-size: expected 2 arguments"),
+                          (["64", "6.4"], "--export-size: invalid int value: '6.4'")):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate_script.parse_args(["--ckpt", ckpt, "--export", "s.pt2", "--export-size", *size])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {message}"
+                                                                 if message.startswith("--export-size:")
+                                                                 else f"error: {message}")
+    for argv, message in ((["--export-size", "64", "64"], "--export-size is only used with --export: pass "
+                                                          "--export PATH too"),
+                          (["--export", "s.pt2", "--json", "m.json", "--flip"],
+                           "--export writes the program and exits without evaluating: drop --flip --json")):
+        with pytest.raises(SystemExit):
+            evaluate_script.parse_args(["--ckpt", ckpt, *argv])
+        assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
+    assert os.listdir(tmp_path) == ["student.pt2"]
+
+
+def test_the_default_export_size_is_the_runs_training_crop_or_the_synthetic_image_size():
+    assert evaluate_script.export_size({"dataset": "cityscapes", "args": {"crop_size": [512, 1024]}}, "c.pt") == \
+        (512, 1024)
+    assert evaluate_script.export_size({"dataset": "synthetic", "args": {"synthetic_size": 48}}, "s.pt") == (48, 48)
+    assert evaluate_script.export_size({"dataset": "synthetic", "args": {}}, "s.pt") == (64, 64)  # data.py's default
+    with pytest.raises(ValueError, match="c.pt stores no training crop size: pass --export-size H W"):
+        evaluate_script.export_size({"dataset": "camvid", "args": {}}, "c.pt")
