@@ -38,7 +38,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from tqdm import tqdm
 
 from data import DATASET_NAMES, IGNORE_INDEX, PartlyLabelled, build_dataset, labelled_indices, synthetic_options
 from fckd import (APPLY_MODES, CONDENSE_MODES, DEFAULT_APPLY, DEFAULT_GAMMA, DEFAULT_KEEP, DEFAULT_SIMILARITY,
@@ -46,9 +45,9 @@ from fckd import (APPLY_MODES, CONDENSE_MODES, DEFAULT_APPLY, DEFAULT_GAMMA, DEF
 from models import MODEL_NAMES, build_model, listing
 from utils import (FRESH_PROGRESS, Interrupted, all_reduce, atomic_write, autocast, check_num_classes, evaluate,
                    file_sha256, is_main, load_checkpoint, load_state, memory_format, metrics_line,
-                   model_from_checkpoint, non_finite_tensors, quiet_on_stop_signals, remove_temporaries, resolve_amp,
-                   run_cli, save_checkpoint, segmentation_metrics, setup_distributed, teardown_distributed, upsample,
-                   writable_folder)
+                   model_from_checkpoint, non_finite_tensors, progress_bar, quiet_on_stop_signals,
+                   remove_temporaries, resolve_amp, run_cli, save_checkpoint, segmentation_metrics, setup_distributed,
+                   teardown_distributed, upsample, writable_folder)
 
 # Per-dataset defaults for every flag left unset. The real sets follow the CIRKD protocol (SGD,
 # lr 0.02 at global batch 16, poly 0.9, 40k iterations); the lr is not rescaled with --batch-size.
@@ -499,8 +498,7 @@ def decode_split(dataset, workers, rank, world_size, name):
     training, not at the first validation thousands of iterations later (data.py's errors name it)."""
     share = Subset(dataset, range(rank, len(dataset), world_size))
     loader = DataLoader(share, batch_size=None, num_workers=workers, worker_init_fn=quiet_on_stop_signals)
-    for _ in tqdm(loader, desc=f"checking the {name} images", leave=False, disable=not is_main(),
-                  dynamic_ncols=True):
+    for _ in progress_bar(loader, desc=f"checking the {name} images", leave=False):
         pass
 
 
@@ -753,8 +751,7 @@ def train(args, rank, world_size, device, stop):
     first_nonfinite = torch.tensor(args.iters + 1, device=device)  # the first iteration with a NaN/inf loss
     unlabelled = torch.tensor(0, device=device)  # batches without a labelled pixel since the last log record
     timer = time.perf_counter()
-    with tqdm(total=args.iters, initial=start, disable=not is_main(), dynamic_ncols=True,
-              desc=os.path.basename(args.out)) as bar:
+    with progress_bar(total=args.iters, initial=start, desc=os.path.basename(args.out)) as bar:
         if progress["val_pending"]:  # the validation that the interrupted run saved before and did not finish
             state = checkpoint_state(args, model, optimizer, scaler, world_size, num_classes, model_options, progress)
             last_miou = validate_and_save(model, val_set, device, amp, world_size, state, args.out, log, bar)
@@ -801,7 +798,10 @@ def train(args, rank, world_size, device, stop):
                     progress["unlabelled_batches"] += empty
                     unlabelled.zero_()
                 log(record)
-                bar.set_postfix_str(" ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "iter"))
+                summary = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "iter")
+                if bar.disable and is_main():  # no bar (not a terminal): one line per record instead
+                    bar.write(f"iteration {iteration}/{args.iters}: {summary}")
+                bar.set_postfix_str(summary)
                 sums, steps = {}, 0
 
             if save:  # before the validation: a failure there loses no training

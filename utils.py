@@ -55,6 +55,13 @@ def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def progress_bar(iterable=None, enabled=True, **options):
+    """tqdm's bar on rank 0 when its stream (stderr) is a terminal; none elsewhere (CI, nohup, a
+    log file), where each redraw would be a line of the log. tqdm.write still prints either way."""
+    shown = enabled and is_main() and sys.stderr.isatty()
+    return tqdm(iterable, disable=not shown, dynamic_ncols=True, **options)
+
+
 def all_reduce(tensor, op=dist.ReduceOp.SUM):
     """In-place all-reduce across ranks (a no-op in a single process); returns the tensor."""
     if dist.is_initialized():
@@ -268,8 +275,7 @@ def evaluate(model, dataset, device, amp="off", scales=(1.0,), flip=False, windo
     torch.backends.cudnn.benchmark = False  # whole images differ in size: autotuning every new shape costs more
     confusion = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.int64, device=device)
     try:
-        progress = tqdm(zip(indices, loader), total=len(indices), desc="evaluating", leave=False,
-                        disable=not (progress and is_main()), dynamic_ncols=True)
+        progress = progress_bar(zip(indices, loader), progress, total=len(indices), desc="evaluating", leave=False)
         for index, (image, label) in progress:
             image = image.to(device, non_blocking=True, memory_format=memory_format(device))
             label = label.to(device, non_blocking=True)

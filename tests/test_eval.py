@@ -219,7 +219,10 @@ def test_a_window_below_the_output_stride_is_refused_before_evaluating(trained, 
         "or none (whole images)")
 
 
-def test_evaluation_shows_its_progress(trained, capsys):
+def test_evaluation_shows_its_progress_on_a_terminal_only(trained, capsys, monkeypatch):
+    evaluate_script.main(["--ckpt", str(trained / "last.pt")])
+    assert "evaluating" not in capsys.readouterr().err  # captured: not a terminal, so no bar to fill a log
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     evaluate_script.main(["--ckpt", str(trained / "last.pt")])
     assert "evaluating" in capsys.readouterr().err  # tqdm's bar, on stderr
 

@@ -818,3 +818,16 @@ def test_resume_from_a_damaged_checkpoint_is_refused(tmp_path, capsys, damage):
     assert err == (f"error: {tmp_path / 'last.pt'} is damaged: its contents do not match the SHA-256 stored in it; "
                    "use another checkpoint (e.g. best.pt or a copy)")
 
+
+
+def test_a_run_whose_output_is_not_a_terminal_writes_log_lines_not_progress_bars(tmp_path):
+    """CI, nohup, a cluster job: no bar redraws (carriage returns), one line per --log-every."""
+    flags = [*TINY, "--log-every", "50", "--iters", "200", "--val-every", "100", "--out", str(tmp_path)]
+    result = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert output.count("\r") <= 10
+    lines = [line for line in output.splitlines() if line.startswith("iteration ")]
+    assert [line.split(":")[0] for line in lines if "/200:" in line] == [f"iteration {i}/200" for i in (50, 100, 150, 200)]
+    assert sum("mIoU" in line for line in lines) == 2  # the validations at 100 and 200
