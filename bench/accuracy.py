@@ -26,6 +26,7 @@ interrupted one continues from its last.pt (train.py --resume auto).
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -234,6 +235,21 @@ def summarise(name, results, baseline_miou=None):
     return row
 
 
+def pilot_verdict(rows, min_gain=2.0):
+    """The pilot's rule (docs/results.md, "The pilot"): the better of KD and CWD by mean mIoU must
+    be at least min_gain over the baseline's mean, each of its seeds above the baseline's mean.
+    Returns {"method", "gain", "pooled_std", "gain_per_std", "every_seed_above", "passes"}."""
+    by_name = {row["name"]: row for row in rows}
+    baseline = by_name["baseline"]
+    best = max((by_name["kd"], by_name["cwd"]), key=lambda row: row["mIoU_mean"])
+    gain = best["mIoU_mean"] - baseline["mIoU_mean"]
+    pooled_std = math.sqrt((baseline["mIoU_std"] ** 2 + best["mIoU_std"] ** 2) / 2)
+    every_seed_above = all(value > baseline["mIoU_mean"] for value in best["mIoU"])
+    return {"method": best["name"], "gain": gain, "pooled_std": pooled_std,
+            "gain_per_std": gain / pooled_std if pooled_std > 0 else math.inf,
+            "every_seed_above": every_seed_above, "passes": gain >= min_gain and every_seed_above}
+
+
 def format_table(rows):
     lines = ["| run | mIoU (mean +- std) | mAcc (mean +- std) | mIoU vs baseline | mIoU per seed |",
              "| --- | --- | --- | --- | --- |"]
@@ -302,10 +318,16 @@ def main(argv=None):
              for name, res in sorted(by_name.items(), key=lambda item: item[0] != "baseline")]  # baseline first
     table = format_table(rows)
     print(table)
+    verdict = pilot_verdict(rows) if args.table == "pilot" else None
+    if verdict:
+        print(f"pilot rule: {verdict['method']} {verdict['gain']:+.2f} mIoU over the baseline (pooled std "
+              f"{verdict['pooled_std']:.2f}, gain/std {verdict['gain_per_std']:.2f}), every seed above the baseline's "
+              f"mean: {verdict['every_seed_above']}; {'passes' if verdict['passes'] else 'does not pass'}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     header = {**describe_run("accuracy.py", argv, device), "setting": args.setting, "seeds": args.seeds,
               "threads_per_run": threads or torch.get_num_threads(),
-              "teacher_command": teacher["train_command"], "table": table}
+              "teacher_command": teacher["train_command"], "table": table,
+              **({"pilot_verdict": verdict} if verdict else {})}
     suffix = "" if args.table == "methods" else f"_{args.table}"
     save_results(args.out, f"accuracy_{args.setting}{suffix}.json", header, rows)
     return rows

@@ -239,3 +239,23 @@ def test_fckd_targets_premise_runs_and_writes_json(tmp_path):
     keeps = [row["keep"] for row in rows[:5]]
     assert keeps == sorted(keeps, reverse=True)  # quantile 1 ... 0.4 keeps less and less
     assert json.loads((tmp_path / "fckd_premise_synthetic.json").read_text())["rows"] == rows
+
+
+def test_pilot_verdict_applies_the_rule_written_before_the_runs():
+    from bench import accuracy
+
+    def row(name, seeds):
+        results = {s: {"mIoU": m, "mAcc": m, "per_class": {}, "keep_ratio_last": None} for s, m in enumerate(seeds)}
+        return accuracy.summarise(name, results)
+
+    baseline = row("baseline", [30.0, 32.0, 34.0])  # mean 32, std 2
+    passing = accuracy.pilot_verdict([baseline, row("kd", [34.0, 35.0, 36.0]), row("cwd", [30.0, 31.0, 32.0])])
+    assert passing["method"] == "kd" and passing["gain"] == 3.0 and passing["passes"]
+    assert passing["pooled_std"] == pytest.approx(math.sqrt((4 + 1) / 2))
+    # +2.0 on the mean but one seed at or below the baseline's mean: fails
+    one_seed_low = accuracy.pilot_verdict([baseline, row("kd", [32.0, 36.0, 34.0]), row("cwd", [20.0, 20.0, 20.0])])
+    assert one_seed_low["gain"] == 2.0 and not one_seed_low["every_seed_above"] and not one_seed_low["passes"]
+    # exactly +2.0 with every seed above passes, judged on the better of KD and CWD; +1.2 fails
+    small = accuracy.pilot_verdict([baseline, row("kd", [33.0, 33.5, 34.0]), row("cwd", [33.5, 34.0, 34.5])])
+    assert small["method"] == "cwd" and small["gain"] == 2.0 and small["passes"]
+    assert not accuracy.pilot_verdict([baseline, row("kd", [33.0, 33.5, 34.0]), row("cwd", [33.0, 33.2, 33.4])])["passes"]
