@@ -33,7 +33,7 @@ from PIL import Image
 from torchvision.utils import save_image
 
 from data import DATASET_NAMES, IGNORE_INDEX, MEAN, STD, SYNTHETIC_SIZE
-from fckd import DEFAULT_THRESHOLD, condensation_matrix, pixel_entropy
+from fckd import DEFAULT_KEEP, DEFAULT_THRESHOLD, condensation_matrix, pixel_entropy
 from utils import (atomic_write, autocast, check_num_classes, dataset_from_checkpoint, evaluate, format_metrics,
                    is_main, memory_format, model_from_checkpoint, resolve_amp, run_cli, segmentation_metrics,
                    setup_distributed, teardown_distributed, upsample, writable_file, writable_folder)
@@ -66,8 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--save-dir", help="write colour-coded predictions (and teacher pictures) here")
     p.add_argument("--save-max", type=int, default=20, help="pictures of the first N images (default: %(default)s)")
     p.add_argument("--teacher-ckpt", help="with --save-dir: also picture this teacher's entropy and condensation")
-    p.add_argument("--fckd-threshold", type=float, help="entropy threshold of the pictured condensation matrix "
-                   f"(default: the student's --fckd-threshold if it was trained with one, else {DEFAULT_THRESHOLD})")
+    p.add_argument("--fckd-threshold", type=float, help="entropy threshold of the pictured hard condensation matrix "
+                   f"(default: the student's --fckd-threshold if it was trained with one, else {DEFAULT_THRESHOLD}); "
+                   "the matrix is the student's own kind (its --fckd-condense, --fckd-keep)")
     p.add_argument("--export", metavar="PATH",
                    help="write the net as a torch.export program (.pt2) to this new file and exit without evaluating; "
                    "it maps a normalised float32 batch N x 3 x H x W to its N x K x H x W logits: batch size dynamic, "
@@ -168,17 +169,21 @@ def evaluate_checkpoint(args, device):
 
 def picture_writer(args, checkpoint, dataset, dataset_name, device, amp):
     """evaluate()'s on_image for --save-dir: for the first --save-max images, image | label |
-    prediction side by side, and with --teacher-ckpt the teacher's pixel entropy and hard
-    condensation matrix (at --fckd-threshold, else the student's, else fckd.py's default)."""
+    prediction side by side, and with --teacher-ckpt the teacher's pixel entropy and condensation
+    matrix: the student's (its --fckd-condense and --fckd-keep; hard for a student trained
+    without FCKD), at --fckd-threshold, else the student's, else fckd.py's default."""
     teacher = None
     if args.teacher_ckpt:
         teacher, teacher_checkpoint = model_from_checkpoint(args.teacher_ckpt)
         check_num_classes(teacher_checkpoint, f"teacher checkpoint {args.teacher_ckpt}", dataset_name,
                           dataset.num_classes)
         teacher.eval().to(device, memory_format=memory_format(device))
+    trained = checkpoint["args"]
     threshold = args.fckd_threshold
     if threshold is None:
-        threshold = checkpoint["args"].get("fckd_threshold", DEFAULT_THRESHOLD)
+        threshold = trained.get("fckd_threshold", DEFAULT_THRESHOLD)
+    mode = trained.get("fckd_condense", "hard") if trained.get("kd") == "fckd" else "hard"
+    keep_share = trained.get("fckd_keep", DEFAULT_KEEP)
 
     def save_pictures(index, image, label, prediction):
         if index >= args.save_max:
@@ -192,7 +197,8 @@ def picture_writer(args, checkpoint, dataset, dataset_name, device, amp):
             with torch.no_grad(), autocast(device, amp):
                 logits = teacher(image)["out"].float()
             entropy = upsample(pixel_entropy(logits), size)
-            keep = F.interpolate(condensation_matrix(logits, "hard", threshold), size=size, mode="nearest")
+            matrix = condensation_matrix(logits, mode, threshold, keep_share)
+            keep = F.interpolate(matrix, size=size, mode="nearest")
             Image.fromarray(to_grey(entropy)).save(stem + "_entropy.png")
             Image.fromarray(to_grey(keep)).save(stem + "_condensation.png")
 

@@ -338,3 +338,21 @@ def test_the_default_export_size_is_the_runs_training_crop_or_the_synthetic_imag
     assert evaluate_script.export_size({"dataset": "synthetic", "args": {}}, "s.pt") == (64, 64)  # data.py's default
     with pytest.raises(ValueError, match="c.pt stores no training crop size: pass --export-size H W"):
         evaluate_script.export_size({"dataset": "camvid", "args": {}}, "c.pt")
+
+
+def test_the_pictured_condensation_is_the_students_own_kind(trained, tmp_path, capsys):
+    """A student distilled with condense="quantile" is pictured with its quantile matrix, not a hard one."""
+    student = load_checkpoint(trained / "last.pt")
+    student["args"].update(kd="fckd", fckd_condense="quantile", fckd_keep=0.5)
+    save_checkpoint(student, tmp_path / "quantile.pt")
+    pictures = tmp_path / "pictures"
+    run_eval(capsys, "--ckpt", tmp_path / "quantile.pt", "--teacher-ckpt", trained / "best.pt", "--save-dir", pictures,
+             "--save-max", 1)
+    image, _ = build_dataset("synthetic", None, "val", False, length=7, image_size=32)[0]
+    teacher, _ = model_from_checkpoint(trained / "best.pt")
+    with torch.no_grad():
+        logits = teacher.eval()(image[None])["out"]
+    want = torch.nn.functional.interpolate(condensation_matrix(logits, "quantile", keep=0.5), size=(32, 32))
+    assert 0.4 < want.mean() < 0.7  # half of the logit pixels, upsampled
+    assert np.array_equal(np.asarray(Image.open(pictures / "00000_condensation.png")),
+                          want[0, 0].numpy().astype(np.uint8) * 255)
