@@ -318,7 +318,7 @@ def main(argv=None):
              for name, res in sorted(by_name.items(), key=lambda item: item[0] != "baseline")]  # baseline first
     table = format_table(rows)
     print(table)
-    verdict = pilot_verdict(rows) if args.table == "pilot" else None
+    verdict = pilot_verdict(rows) if args.table == "pilot" and set(PILOT) <= set(by_name) else None
     if verdict:
         print(f"pilot rule: {verdict['method']} {verdict['gain']:+.2f} mIoU over the baseline (pooled std "
               f"{verdict['pooled_std']:.2f}, gain/std {verdict['gain_per_std']:.2f}), every seed above the baseline's "
