@@ -615,14 +615,28 @@ def teacher_sha256(args):
     return file_sha256(args.teacher_ckpt) if args.teacher_ckpt else None
 
 
+def unused_settings(kd, enhance):
+    """The loss flags that a run with --kd `kd` (None: no teacher) does not use, so that they do not
+    change what it trains: every one without a teacher, all but tau/lambda_spatial for kd, ...,
+    and the enhancement's own flags for fckd without enhancement."""
+    loss_flags = {"fckd_condense", "fckd_threshold", "fckd_keep", "fckd_apply", "fckd_enhance", "fckd_similarity",
+                  "fckd_temperature", "fckd_gamma", "tau_spatial", "tau_channel", "lambda_spatial", "lambda_channel"}
+    used = {"fckd": loss_flags, "kd": {"tau_spatial", "lambda_spatial"}, "cwd": {"tau_channel", "lambda_channel"}}
+    unused = loss_flags - used.get(kd, set())
+    return unused if enhance else unused | {"fckd_gamma", "fckd_similarity", "fckd_temperature"}
+
+
 def check_resumed_settings(stored, args, path):
-    """ValueError naming every setting (but MAY_DIFFER_ON_RESUME) in which this run's args differ
-    from `stored`, the args of the checkpoint at `path`, with both values: a resumed run must be the
-    run its checkpoint records. A setting that an older checkpoint lacks counts as its default."""
+    """ValueError naming every setting (but MAY_DIFFER_ON_RESUME, and the loss flags the run's --kd
+    does not use) in which this run's args differ from `stored`, the args of the checkpoint at
+    `path`, with both values: a resumed run must be the run its checkpoint records. A setting that
+    an older checkpoint lacks counts as its default."""
     parser = build_parser()
     flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
     differ = []
-    for key in sorted((set(stored) | set(vars(args))) - set(MAY_DIFFER_ON_RESUME)):
+    same_loss = stored.get("kd") == args.kd and stored.get("fckd_enhance", True) == args.fckd_enhance
+    ignored = set(MAY_DIFFER_ON_RESUME) | (unused_settings(args.kd, args.fckd_enhance) if same_loss else set())
+    for key in sorted((set(stored) | set(vars(args))) - ignored):
         then, now = stored.get(key, parser.get_default(key)), getattr(args, key, parser.get_default(key))
         if then != now:
             name = "the teacher checkpoint's content (SHA-256)" if key == "teacher_sha256" else flags.get(key, key)

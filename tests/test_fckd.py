@@ -148,12 +148,14 @@ def test_non_default_temperatures_and_weights():
 
 
 def test_the_defaults_are_the_reading_the_camvid_table_chose():
-    """FCKDLoss() is candidate C3 (README, "CamVid on a CPU"): hard M at 0.7, mask, cosine T 0.1,
-    gamma 0.5, with the KD and CWD temperatures and weights."""
+    """FCKDLoss() is the finalists' winner (docs/results.md): hard M at 0.7, mask, no enhancement
+    (gamma 0), with the KD and CWD temperatures and weights."""
     t, s = logits(2, 5, 6, 7, seed=40), logits(2, 5, 6, 7, seed=41)
     got = fckd.FCKDLoss()(s, t)
-    want = ref_fckd(s, t, condense="hard", threshold=0.7, apply="mask", similarity="cosine", temperature=0.1,
-                    gamma=0.5, tau_s=1.0, tau_c=4.0, lam_s=1.0, lam_c=3.0)
+    want = ref_fckd(s, t, condense="hard", threshold=0.7, apply="mask", enhance=False, tau_s=1.0, tau_c=4.0,
+                    lam_s=1.0, lam_c=3.0)
+    # and gamma 0 is the loss of enhance=False under any similarity
+    torch.testing.assert_close(fckd.FCKDLoss(gamma=0.0, enhance=True, similarity="dot")(s, t)["loss"], got["loss"])
     assert 0.05 < float(want["keep_ratio"]) < 0.95  # the threshold splits this fixture's pixels
     for key in ("loss", "spatial", "channel", "keep_ratio"):
         torch.testing.assert_close(got[key].double(), want[key], rtol=1e-5, atol=1e-6, msg=key)

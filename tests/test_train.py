@@ -260,7 +260,7 @@ def test_resume_refuses_to_turn_a_baseline_into_a_distilled_run(stopped_runs, ca
 
 
 @pytest.mark.parametrize("changed, named", [
-    (["--fckd-gamma", "1.0"], "--fckd-gamma: 0.5 in the checkpoint, 1.0 now"),
+    (["--fckd-gamma", "1.0"], "--fckd-gamma: 0.0 in the checkpoint, 1.0 now"),
     (["--fckd-condense", "quantile"], "--fckd-condense: 'hard' in the checkpoint, 'quantile' now"),
     (["--fckd-keep", "0.6"], "--fckd-keep: 0.8 in the checkpoint, 0.6 now"),
     (["--no-fckd-enhance"], "--no-fckd-enhance: True in the checkpoint, False now"),
@@ -300,6 +300,15 @@ def test_resume_accepts_settings_that_do_not_change_the_result(stopped_runs, tmp
         resumed = run(out, *flags, *extra, "--resume", "auto", "--workers", 1, "--log-every", 3, "--val-every", 4,
                       "--save-every", 1)
         assert resumed["iteration"] == 4
+
+
+def test_resume_ignores_loss_flags_the_run_does_not_use(stopped_runs, tmp_path):
+    """A baseline is not trained with FCKD's flags: a changed FCKD default must not orphan it."""
+    root, flags = stopped_runs
+    out = tmp_path / "baseline"
+    out.mkdir()
+    save_checkpoint(load_checkpoint(root / "baseline" / "last.pt"), out / "last.pt")
+    assert run(out, *flags, "--resume", "auto", "--fckd-gamma", "2.0", "--tau-spatial", "3")["iteration"] == 4
 
 
 def test_resume_of_a_checkpoint_without_a_newer_setting_takes_its_default(stopped_runs, tmp_path):
