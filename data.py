@@ -429,12 +429,18 @@ def build_dataset(name, root, split, train, crop_size=None, image_scale=1.0, **o
 # -----------------------------------------------------------------------------
 # training with labels for some frames only (train.py --labelled-list)
 
+def frame_name(entry, dataset):
+    """The name a labelled list's entry (its first token) or an image path gives a frame of
+    `dataset`: the file name without extension (a VOC id, a CamVid or Cityscapes image's stem);
+    synthetic: the entry as it is (the scene index)."""
+    return entry if isinstance(dataset, SyntheticScenes) else os.path.splitext(os.path.basename(entry))[0]
+
+
 def frame_names(dataset):
-    """The names a labelled list can use for the frames of `dataset`, in its order: the image file
-    name without extension (a VOC id, a CamVid or Cityscapes image's stem); synthetic: the index."""
+    """frame_name of every frame of `dataset`, in its order."""
     if isinstance(dataset, SyntheticScenes):
         return [str(i) for i in range(len(dataset))]
-    return [os.path.splitext(os.path.basename(image))[0] for image, _ in dataset.pairs]
+    return [frame_name(image, dataset) for image, _ in dataset.pairs]
 
 
 def labelled_indices(dataset, path):
@@ -452,8 +458,7 @@ def labelled_indices(dataset, path):
             tokens = line.split()
             if not tokens:
                 continue
-            synthetic = isinstance(dataset, SyntheticScenes)
-            name = tokens[0] if synthetic else os.path.splitext(os.path.basename(tokens[0]))[0]
+            name = frame_name(tokens[0], dataset)
             if name not in index:
                 raise ValueError(f"--labelled-list: {path} line {number} names {tokens[0]!r}, which is not a frame of "
                                  f"the training split ({len(index)} frames)")

@@ -268,13 +268,16 @@ def poly_lr(base_lr, iteration, iters, power=POLY_POWER):
     return base_lr * (1 - iteration / iters) ** power
 
 
+# FCKDLoss's keyword arguments and the train.py flags (argparse dests) that set them, one to one
+LOSS_FLAGS = {"condense": "fckd_condense", "threshold": "fckd_threshold", "keep": "fckd_keep",
+              "apply": "fckd_apply", "enhance": "fckd_enhance", "similarity": "fckd_similarity",
+              "temperature": "fckd_temperature", "gamma": "fckd_gamma", "tau_spatial": "tau_spatial",
+              "tau_channel": "tau_channel", "lambda_spatial": "lambda_spatial", "lambda_channel": "lambda_channel"}
+
+
 def loss_settings(args):
     """FCKDLoss's keyword arguments, one to one from the --fckd-*, --tau-* and --lambda-* flags."""
-    return {"condense": args.fckd_condense, "threshold": args.fckd_threshold, "keep": args.fckd_keep,
-            "apply": args.fckd_apply,
-            "enhance": args.fckd_enhance, "similarity": args.fckd_similarity, "temperature": args.fckd_temperature,
-            "gamma": args.fckd_gamma, "tau_spatial": args.tau_spatial, "tau_channel": args.tau_channel,
-            "lambda_spatial": args.lambda_spatial, "lambda_channel": args.lambda_channel}
+    return {keyword: getattr(args, dest) for keyword, dest in LOSS_FLAGS.items()}
 
 
 def distillation(kd, settings):
@@ -619,11 +622,10 @@ def unused_settings(kd, enhance):
     """The loss flags that a run with --kd `kd` (None: no teacher) does not use, so that they do not
     change what it trains: every one without a teacher, all but tau/lambda_spatial for kd, ...,
     and the enhancement's own flags for fckd without enhancement."""
-    loss_flags = {"fckd_condense", "fckd_threshold", "fckd_keep", "fckd_apply", "fckd_enhance", "fckd_similarity",
-                  "fckd_temperature", "fckd_gamma", "tau_spatial", "tau_channel", "lambda_spatial", "lambda_channel"}
+    loss_flags = set(LOSS_FLAGS.values())
     used = {"fckd": loss_flags, "kd": {"tau_spatial", "lambda_spatial"}, "cwd": {"tau_channel", "lambda_channel"}}
     unused = loss_flags - used.get(kd, set())
-    return unused if enhance else unused | {"fckd_gamma", "fckd_similarity", "fckd_temperature"}
+    return unused if enhance else unused | {LOSS_FLAGS[k] for k in ("gamma", "similarity", "temperature")}
 
 
 def check_resumed_settings(stored, args, path):

@@ -70,6 +70,12 @@ def attention_weights(vectors, similarity, temperature, log_weights=None):
     return torch.softmax(scores if log_weights is None else scores + log_weights, dim=1)
 
 
+def accumulate(sums, counts, name, values):
+    """Add a tensor's sum and element count to the Counters under `name` (their ratio: its mean)."""
+    sums[name] += values.sum().item()
+    counts[name] += values.numel()
+
+
 def target_statistics(logits, label, reading, tau_channel):
     """Sums and counts (Counters) of every column for one image's teacher logits (1 x C x H x W),
     label (1 x h x w) and reading (FCKDLoss keyword arguments, as in bench/accuracy.py's READINGS)."""
@@ -85,11 +91,7 @@ def target_statistics(logits, label, reading, tau_channel):
     log_w = torch.zeros_like(keep.flatten()) if not masked else torch.where(kept, 0.0, -math.inf)
     argmax = logits.argmax(1).flatten()
     sums, counts = Counter(), Counter()
-
-    def add(name, values):
-        sums[name] += values.sum().item()
-        counts[name] += values.numel()
-
+    add = functools.partial(accumulate, sums, counts)
     add("keep", keep)
     present = torch.zeros(classes, dtype=torch.bool, device=logits.device)
     present[argmax.unique()] = True
@@ -139,8 +141,7 @@ def premise_statistics(logits, label, condense, value):
     sums, counts = Counter(), Counter()
     for name, values in (("keep", keep), ("labelled_kept", kept[labelled].float()),
                          ("accuracy_kept", correct[labelled & kept]), ("accuracy_dropped", correct[labelled & ~kept])):
-        sums[name] += values.sum().item()
-        counts[name] += values.numel()
+        accumulate(sums, counts, name, values)
     return sums, counts
 
 
@@ -161,14 +162,17 @@ def main(argv=None):
     dataset = dataset_from_checkpoint(checkpoint, "val")
     images = range(min(len(dataset), args.max_images or len(dataset)))
 
+    # per row: what it is (in the JSON) and the function of (logits, label) that measures it
     if args.premise:
-        names = [f"{condense} {value}" for condense, value in PREMISE]
-        statistics, columns = dict(zip(names, (functools.partial(premise_statistics, condense=c, value=v)
-                                               for c, v in PREMISE))), PREMISE_COLUMNS
+        described = {f"{c} {v}": dict(condense=c, value=v) for c, v in PREMISE}
+        statistics = {name: functools.partial(premise_statistics, **d) for name, d in described.items()}
+        columns = PREMISE_COLUMNS
     else:
-        names, columns = args.readings, COLUMNS
-        statistics = {name: functools.partial(target_statistics, reading=READINGS[name], tau_channel=args.tau_channel)
-                      for name in names}
+        described = {name: READINGS[name] for name in args.readings}
+        statistics = {name: functools.partial(target_statistics, reading=reading, tau_channel=args.tau_channel)
+                      for name, reading in described.items()}
+        columns = COLUMNS
+    names = list(described)
     totals = {name: (Counter(), Counter()) for name in names}
     with torch.no_grad():
         for index in images:
@@ -178,8 +182,7 @@ def main(argv=None):
                 sums, counts = statistics[name](logits, label[None].to(device))
                 totals[name][0].update(sums)
                 totals[name][1].update(counts)
-    rows = [{"reading": name, **(dict(zip(("condense", "value"), PREMISE[names.index(name)])) if args.premise
-                                 else READINGS[name]),
+    rows = [{"reading": name, **described[name],
              **{column: sums[column] / counts[column] if counts[column] else None for column in columns}}
             for name, (sums, counts) in totals.items()]
 
