@@ -1,12 +1,13 @@
 """
-Segmentation datasets: Pascal VOC 2012 (+SBD aug), Cityscapes, CamVid (SegNet layout) and a
-synthetic scene set generated in memory.
+Segmentation datasets: Pascal VOC 2012 (+SBD aug), Cityscapes, CamVid (SegNet layout), IDD-Lite
+(official layout) and a synthetic scene set generated in memory, one record each in DATASETS.
 
     dataset = build_dataset("camvid", "path/to/camvid", "train", train=True, crop_size=360)
     image, label = dataset[0]   # float32 3 x H x W (ImageNet-normalised), int64 H x W (255 = ignore)
 
 Every dataset has num_classes, class_names and palette (one (r, g, b) per class). The synthetic
-set's scenes are drawn by scenes.py.
+set's scenes are drawn by scenes.py. Adding a dataset is one DatasetRecord in DATASETS and its
+pairs function: train.py and eval.py read the rest (splits, label map, training defaults) from it.
 Training items get the augmentation of the peers (CIRKD, torchvision references): random scale
 0.5-2.0, horizontal flip, pad (image with the mean, label with 255) and random crop.
 Validation items are the whole image, only normalised.
@@ -19,6 +20,7 @@ evaluated at any scale is scored against the same labels (its logits upsampled t
 
 import math
 import os
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -27,7 +29,6 @@ from torch.utils.data import Dataset
 
 from scenes import SYNTHETIC_CLASSES, draw_scene
 
-DATASET_NAMES = ("synthetic", "voc", "cityscapes", "camvid")
 IGNORE_INDEX = 255
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -78,6 +79,13 @@ CAMVID_CLASSES = (
 CAMVID_PALETTE = (
     (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
     (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))
+
+
+# IDD-Lite's 7 level-1 classes (ids 0..6; 255 is ignore), colours of the Cityscapes classes they hold
+IDD_LITE_CLASSES = (
+    "drivable", "non-drivable", "living things", "vehicles", "road-side objects", "far objects", "sky")
+IDD_LITE_PALETTE = (
+    (128, 64, 128), (244, 35, 232), (220, 20, 60), (0, 0, 142), (190, 153, 153), (70, 70, 70), (70, 130, 180))
 
 
 def label_lookup(raw_to_class, accepted_void):
@@ -197,8 +205,8 @@ class LabelledImages(Dataset):
     """(image path, label path) pairs; labels are mapped with a 256-entry lookup table.
     image_scale: the factor images are resized by first (training labels too; see the top)."""
 
-    def __init__(self, pairs, lut, valid, class_names, palette, train, crop_size, image_scale=1.0):
-        self.pairs = pairs
+    def __init__(self, pairs, lut, valid, class_names, palette, train, crop_size, image_scale=1.0, name=None):
+        self.pairs, self.name = pairs, name
         self.lut, self.valid = lut, valid
         self.class_names, self.palette = class_names, palette
         self.num_classes = len(class_names)
@@ -277,9 +285,9 @@ def voc_pairs(root, split):
 def cityscapes_pairs(root, split):
     layout = ("the Cityscapes layout: leftImg8bit/{split}/{city}/*_leftImg8bit.png and "
               "gtFine/{split}/{city}/*_gtFine_labelIds.png under root")
+    require_dirs(root, layout, os.path.join("leftImg8bit", split), os.path.join("gtFine", split))
     image_root = os.path.join(root, "leftImg8bit", split)
     label_root = os.path.join(root, "gtFine", split)
-    require_dirs(root, layout, image_root, label_root)
     pairs = []
     for city in sorted(os.listdir(image_root)):
         city_dir = os.path.join(image_root, city)
@@ -322,6 +330,44 @@ def camvid_pairs(root, split):
     return [(images[stem], labels[stem]) for stem in sorted(images)]
 
 
+def idd_lite_pairs(root, split):
+    layout = ("the IDD-Lite layout: leftImg8bit/{split}/{sequence}/{frame}_image.jpg and "
+              "gtFine/{split}/{sequence}/{frame}_label.png under root")
+    require_dirs(root, layout, os.path.join("leftImg8bit", split), os.path.join("gtFine", split))
+    image_root = os.path.join(root, "leftImg8bit", split)
+    label_root = os.path.join(root, "gtFine", split)
+    pairs = []
+    for sequence in sorted(os.listdir(image_root)):
+        sequence_dir = os.path.join(image_root, sequence)
+        if not os.path.isdir(sequence_dir):
+            continue
+        for name in sorted(os.listdir(sequence_dir)):
+            if not name.endswith("_image.jpg"):
+                continue
+            label = os.path.join(label_root, sequence, name[:-len("_image.jpg")] + "_label.png")
+            if not os.path.isfile(label):
+                raise ValueError(f"image {os.path.join(sequence_dir, name)} has no label: {label} does not exist")
+            pairs.append((os.path.join(sequence_dir, name), label))
+    if not pairs:
+        raise ValueError(f"idd_lite split {split!r} is empty: no *_image.jpg under {image_root}")
+    return pairs
+
+
+def file_stem(entry):
+    """A frame's name in VOC, Cityscapes and CamVid: its file name without extension (a VOC id is one)."""
+    return os.path.splitext(os.path.basename(entry))[0]
+
+
+def sequence_and_frame(entry):
+    """A frame's name in IDD-Lite, whose frame numbers repeat across sequences: "sequence/frame",
+    from an image or label path (.../0/024541_image.jpg) or from the name itself (0/024541)."""
+    parts = entry.replace(os.sep, "/").split("/")
+    stem = os.path.splitext(parts[-1])[0]
+    for suffix in ("_image", "_label"):
+        stem = stem[:-len(suffix)] if stem.endswith(suffix) else stem
+    return "/".join(parts[-2:-1] + [stem])
+
+
 # -----------------------------------------------------------------------------
 # the synthetic scene set: scenes.py draws them (its classes are defined by shape, see there)
 
@@ -341,6 +387,7 @@ class SyntheticScenes(Dataset):
     draws every size, and rescaling would blur away the small details that define classes.
     """
 
+    name = "synthetic"
     num_classes = len(SYNTHETIC_CLASSES)
     class_names = SYNTHETIC_CLASSES
     palette = SYNTHETIC_PALETTE
@@ -382,22 +429,78 @@ def synthetic_options(name, length=None, image_size=None):
 
 # -----------------------------------------------------------------------------
 
+class DatasetRecord(NamedTuple):
+    """What this code knows of one dataset.
+
+    pairs(root, split) lists its (image path, label path) pairs (None: generated, not read);
+    label_ids maps each raw label value to its class id, and void lists the raw values that mean
+    "ignore" (any other value in a label file is an error); frame_name(path or list entry) names a
+    frame as --labelled-list names it; frame_width is the width of its frames in pixels (None where
+    it varies), which cross-domain evaluation matches; defaults are train.py's values for the flags
+    left unset.
+    """
+    classes: tuple
+    palette: tuple
+    splits: tuple
+    pairs: Callable | None
+    label_ids: dict
+    void: tuple
+    frame_name: Callable
+    frame_width: int | None
+    defaults: dict
+
+
+# The real sets' training defaults follow the CIRKD protocol (SGD, lr 0.02 at global batch 16, poly
+# 0.9, 40k iterations; the lr is not rescaled with --batch-size). The synthetic numbers size the CPU
+# quick start: short enough for a CPU, long enough for its teacher to beat this student clearly.
+REAL_SET_DEFAULTS = dict(width=1.0, iters=40000, batch_size=16, lr=0.02, val_every=4000, save_every=1000, workers=4)
+DATASETS = {
+    "synthetic": DatasetRecord(
+        SYNTHETIC_CLASSES, SYNTHETIC_PALETTE, ("train", "val"), None, {}, (), str, SYNTHETIC_SIZE,
+        dict(data_root=None, width=0.125, iters=2400, batch_size=8, lr=0.1, crop_size=None,
+             val_every=None, save_every=250, workers=0)),  # val_every None: at the end only
+    "voc": DatasetRecord(
+        VOC_CLASSES, VOC_PALETTE, ("train", "val"), voc_pairs, {i: i for i in range(21)}, (IGNORE_INDEX,),
+        file_stem, None, dict(REAL_SET_DEFAULTS, data_root="data/VOCdevkit/VOC2012", crop_size=[512, 512])),
+    # labelIds run 0..33; the license plate (id -1) is drawn as 255 by cityscapesscripts
+    "cityscapes": DatasetRecord(
+        CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, ("train", "val"), cityscapes_pairs,
+        {label_id: train_id for train_id, (_, label_id, _) in enumerate(CITYSCAPES_TRAIN_CLASSES)},
+        tuple(range(34)) + (IGNORE_INDEX,), file_stem, 2048,
+        dict(REAL_SET_DEFAULTS, data_root="data/cityscapes", crop_size=[512, 1024])),
+    "camvid": DatasetRecord(
+        CAMVID_CLASSES, CAMVID_PALETTE, ("train", "val", "test"), camvid_pairs, {i: i for i in range(11)},
+        (11, IGNORE_INDEX), file_stem, 480, dict(REAL_SET_DEFAULTS, data_root="data/camvid", crop_size=[360, 360])),
+    "idd_lite": DatasetRecord(
+        IDD_LITE_CLASSES, IDD_LITE_PALETTE, ("train", "val"), idd_lite_pairs, {i: i for i in range(7)},
+        (IGNORE_INDEX,), sequence_and_frame, 320,
+        dict(REAL_SET_DEFAULTS, data_root="data/idd20k_lite", crop_size=[224, 320])),
+}
+DATASET_NAMES = tuple(DATASETS)
+
+
+def dataset_record(name):
+    """DATASETS[name]; ValueError naming the known sets for any other name."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
+    return DATASETS[name]
+
+
 def build_dataset(name, root, split, train, crop_size=None, image_scale=1.0, **options):
     """
-    name in DATASET_NAMES; root: the dataset folder (ignored for "synthetic"); split "train" or
-    "val" ("test" too for camvid); train: apply the training augmentation; crop_size: int or
-    (h, w), required for training on the real datasets; image_scale: in (0, 1], real sets only
-    (see the top). options: only for "synthetic" (seed=0, length=None, image_size=None).
+    name in DATASETS; root: the dataset folder (ignored for "synthetic"); split: one of the
+    record's splits; train: apply the training augmentation; crop_size: int or (h, w), required
+    for training on the real datasets; image_scale: a factor > 0 (at most 4), real sets only (see
+    the top; train.py and eval.py take (0, 1], cross-domain evaluation may enlarge). options: only
+    for "synthetic" (seed=0, length=None, image_size=None).
     """
-    if name not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
-    splits = ("train", "val", "test") if name == "camvid" else ("train", "val")
-    if split not in splits:
-        raise ValueError(f"{name} has splits {splits}, got {split!r}")
+    record = dataset_record(name)
+    if split not in record.splits:
+        raise ValueError(f"{name} has splits {record.splits}, got {split!r}")
     crop_size = parse_crop_size(crop_size)
-    if not (isinstance(image_scale, (int, float)) and math.isfinite(image_scale) and 0 < image_scale <= 1):
-        raise ValueError(f"the image scale must be a number in (0, 1], got {image_scale!r}")
-    if name == "synthetic":
+    if not (isinstance(image_scale, (int, float)) and math.isfinite(image_scale) and 0 < image_scale <= 4):
+        raise ValueError(f"the image scale must be a number in (0, 4], got {image_scale!r}")
+    if record.pairs is None:
         if image_scale != 1.0:
             raise ValueError("the synthetic set takes no image scale: its image size is an option (--synthetic-size)")
         unknown = sorted(set(options) - {"seed", "length", "image_size"})
@@ -410,37 +513,75 @@ def build_dataset(name, root, split, train, crop_size=None, image_scale=1.0, **o
         raise ValueError(f"training on {name} needs a crop_size (e.g. 512)")
     if root is None:
         raise ValueError(f"{name} needs a root folder")
-    root = os.fspath(root)
-    if name == "voc":
-        pairs = voc_pairs(root, split)
-        lut, valid = label_lookup({i: i for i in range(21)}, [IGNORE_INDEX])
-        return LabelledImages(pairs, lut, valid, VOC_CLASSES, VOC_PALETTE, train, crop_size, image_scale)
-    if name == "cityscapes":
-        pairs = cityscapes_pairs(root, split)
-        # labelIds run 0..33; the license plate (id -1) is drawn as 255 by cityscapesscripts
-        lut, valid = label_lookup({label_id: train_id for train_id, (_, label_id, _) in enumerate(CITYSCAPES_TRAIN_CLASSES)},
-                                  list(range(34)) + [IGNORE_INDEX])
-        return LabelledImages(pairs, lut, valid, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, train, crop_size, image_scale)
-    pairs = camvid_pairs(root, split)
-    lut, valid = label_lookup({i: i for i in range(11)}, [11, IGNORE_INDEX])
-    return LabelledImages(pairs, lut, valid, CAMVID_CLASSES, CAMVID_PALETTE, train, crop_size, image_scale)
+    lut, valid = label_lookup(record.label_ids, record.void)
+    return LabelledImages(record.pairs(os.fspath(root), split), lut, valid, record.classes, record.palette, train,
+                          crop_size, image_scale, name)
+
+
+# -----------------------------------------------------------------------------
+# scoring a model of one dataset on another, over the classes they share
+
+# {(fine set, coarse set): the coarse class of each fine class}. CamVid's 11 classes onto IDD-Lite's
+# 7, as ../shared/idd_lite/README.txt gives them (its caveats: CamVid's Building holds walls, IDD's
+# road-side objects; CamVid's Bicyclist is rider and bicycle, IDD's living things and vehicles).
+CLASS_CORRESPONDENCE = {
+    ("camvid", "idd_lite"): {"sky": "sky", "building": "far objects", "pole": "road-side objects",
+                             "road": "drivable", "pavement": "non-drivable", "tree": "far objects",
+                             "signsymbol": "road-side objects", "fence": "road-side objects",
+                             "car": "vehicles", "pedestrian": "living things", "bicyclist": "living things"},
+}
+
+
+def shared_classes(model_set, data_set):
+    """How a model of `model_set` is scored on `data_set`: (prediction_groups, label_lut, names).
+
+    The scores are over the coarser set's classes `names`. prediction_groups[k] lists the model's
+    classes that make shared class k (None: the model's own classes are the shared ones);
+    label_lut (256 entries, uint8) maps the data's class ids to shared ids (None: they are). Both
+    come from CLASS_CORRESPONDENCE, in whichever direction the pair is written; ValueError naming
+    the pair when it has none.
+    """
+    for (fine, coarse), to_coarse in CLASS_CORRESPONDENCE.items():
+        if {fine, coarse} != {model_set, data_set}:
+            continue
+        fine_classes, coarse_classes = DATASETS[fine].classes, DATASETS[coarse].classes
+        fine_to_coarse = [coarse_classes.index(to_coarse[name]) for name in fine_classes]
+        if model_set == fine:
+            groups = [[i for i, k in enumerate(fine_to_coarse) if k == shared] for shared in range(len(coarse_classes))]
+            return groups, None, coarse_classes
+        lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+        lut[:len(fine_to_coarse)] = fine_to_coarse
+        return None, lut, coarse_classes
+    pairs = ", ".join(f"{a} <-> {b}" for a, b in CLASS_CORRESPONDENCE)
+    raise ValueError(f"no class correspondence between {model_set} and {data_set}: a {model_set} model cannot be "
+                     f"scored on {data_set} (data.CLASS_CORRESPONDENCE has {pairs})")
+
+
+class SharedLabels(Dataset):
+    """dataset[index] with its label's class ids mapped through `lut` to `class_names`."""
+
+    def __init__(self, dataset, lut, class_names):
+        self.dataset, self.lut = dataset, torch.from_numpy(lut.astype(np.int64))
+        self.class_names, self.num_classes = class_names, len(class_names)
+        self.palette = dataset.palette[:len(class_names)]
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return image, self.lut[label]
 
 
 # -----------------------------------------------------------------------------
 # training with labels for some frames only (train.py --labelled-list)
 
-def frame_name(entry, dataset):
-    """The name a labelled list's entry (its first token) or an image path gives a frame of
-    `dataset`: the file name without extension (a VOC id, a CamVid or Cityscapes image's stem);
-    synthetic: the entry as it is (the scene index)."""
-    return entry if isinstance(dataset, SyntheticScenes) else os.path.splitext(os.path.basename(entry))[0]
-
-
 def frame_names(dataset):
-    """frame_name of every frame of `dataset`, in its order."""
+    """The name of every frame of `dataset`, in its order, as its record's frame_name gives it
+    (synthetic: the scene index)."""
     if isinstance(dataset, SyntheticScenes):
         return [str(i) for i in range(len(dataset))]
-    return [frame_name(image, dataset) for image, _ in dataset.pairs]
+    return [DATASETS[dataset.name].frame_name(image) for image, _ in dataset.pairs]
 
 
 def labelled_indices(dataset, path):
@@ -452,17 +593,23 @@ def labelled_indices(dataset, path):
     if not os.path.isfile(path):
         raise ValueError(f"--labelled-list: {path} not found")
     index = {name: i for i, name in enumerate(frame_names(dataset))}
+    frame_name = DATASETS[dataset.name].frame_name
     chosen = set()
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            name = frame_name(tokens[0], dataset)
-            if name not in index:
-                raise ValueError(f"--labelled-list: {path} line {number} names {tokens[0]!r}, which is not a frame of "
-                                 f"the training split ({len(index)} frames)")
-            chosen.add(index[name])
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--labelled-list: {path} is not UTF-8 text (byte {e.start}); save it as UTF-8, "
+                         "one frame a line") from None
+    for number, line in enumerate(lines, 1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        name = frame_name(tokens[0])
+        if name not in index:
+            raise ValueError(f"--labelled-list: {path} line {number} names {tokens[0]!r}, which is not a frame of "
+                             f"the training split ({len(index)} frames)")
+        chosen.add(index[name])
     if not chosen:
         raise ValueError(f"--labelled-list: {path} lists no frame")
     return sorted(chosen)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from data import DATASET_NAMES, IGNORE_INDEX, PartlyLabelled, build_dataset, labelled_indices, synthetic_options
+from data import DATASET_NAMES, DATASETS, IGNORE_INDEX, PartlyLabelled, build_dataset, labelled_indices, synthetic_options
 from fckd import (APPLY_MODES, CONDENSE_MODES, DEFAULT_APPLY, DEFAULT_GAMMA, DEFAULT_KEEP, DEFAULT_SIMILARITY,
                   DEFAULT_TEMPERATURE, DEFAULT_THRESHOLD, SIMILARITIES, FCKDLoss, channel_kd, spatial_kd)
 from models import MODEL_NAMES, build_model, listing
@@ -49,20 +49,6 @@ from utils import (FRESH_PROGRESS, Interrupted, all_reduce, atomic_write, autoca
                    remove_temporaries, resolve_amp, run_cli, save_checkpoint, segmentation_metrics, setup_distributed,
                    teardown_distributed, upsample, writable_folder)
 
-# Per-dataset defaults for every flag left unset. The real sets follow the CIRKD protocol (SGD,
-# lr 0.02 at global batch 16, poly 0.9, 40k iterations); the lr is not rescaled with --batch-size.
-# The synthetic numbers size the CPU quick start: short enough for a CPU, long enough for the
-# quick start's teacher to beat this student clearly (README, "The synthetic set").
-DATASET_DEFAULTS = {
-    "synthetic": dict(data_root=None, width=0.125, iters=2400, batch_size=8, lr=0.1, crop_size=None,
-                      val_every=None, save_every=250, workers=0),  # val_every None: at the end only
-    "voc": dict(data_root="data/VOCdevkit/VOC2012", width=1.0, iters=40000, batch_size=16, lr=0.02,
-                crop_size=[512, 512], val_every=4000, save_every=1000, workers=4),
-    "cityscapes": dict(data_root="data/cityscapes", width=1.0, iters=40000, batch_size=16, lr=0.02,
-                       crop_size=[512, 1024], val_every=4000, save_every=1000, workers=4),
-    "camvid": dict(data_root="data/camvid", width=1.0, iters=40000, batch_size=16, lr=0.02,
-                   crop_size=[360, 360], val_every=4000, save_every=1000, workers=4),
-}
 MOMENTUM = 0.9
 POLY_POWER = 0.9
 AUX_WEIGHT = 0.4
@@ -99,7 +85,7 @@ NUMBER_RULES = (
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    per_dataset = "default: per dataset, see DATASET_DEFAULTS in train.py"
+    per_dataset = "default: per dataset, see DATASETS in data.py"
     p.add_argument("--dataset", choices=DATASET_NAMES, default="synthetic", help="default: %(default)s")
     p.add_argument("--data-root", help=f"dataset folder; {per_dataset}")
     p.add_argument("--synthetic-length", type=int, help="images per split of the synthetic set (default: data.py's)")
@@ -164,11 +150,11 @@ def add_distillation_flags(p):
 
 
 def parse_args(argv=None):
-    """The flags, with DATASET_DEFAULTS for those left unset; argparse's usage error (exit 2) for
+    """The flags, with the dataset record's defaults (data.DATASETS) for those left unset; argparse's usage error (exit 2) for
     flags that do not go together and for numbers outside NUMBER_RULES."""
     p = build_parser()
     args = p.parse_args(argv)
-    for key, value in DATASET_DEFAULTS[args.dataset].items():
+    for key, value in DATASETS[args.dataset].defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.dataset != "synthetic" and (args.synthetic_length is not None or args.synthetic_size is not None):

@@ -207,10 +207,10 @@ def test_image_scale_resizes_images_and_training_labels_but_not_validation_label
     assert torch.equal(got_image, want_image) and torch.equal(got_label, want_label)
 
 
-@pytest.mark.parametrize("scale", [0, -0.5, 1.5, float("nan"), float("inf")])
-def test_image_scale_outside_0_1_is_refused(tmp_path, scale):
+@pytest.mark.parametrize("scale", [0, -0.5, 4.5, float("nan"), float("inf")])
+def test_image_scale_outside_0_4_is_refused(tmp_path, scale):
     make_camvid(tmp_path, np.random.default_rng(14))
-    with pytest.raises(ValueError, match=r"image scale must be a number in \(0, 1\], got"):
+    with pytest.raises(ValueError, match=r"image scale must be a number in \(0, 4\], got"):
         data.build_dataset("camvid", tmp_path, "val", train=False, image_scale=scale)
 
 
@@ -352,3 +352,105 @@ def test_partly_labelled_keeps_the_image_and_ignores_the_labels_of_unlisted_fram
         want_image, want_label = synthetic[index]
         assert torch.equal(image, want_image)
         assert torch.equal(label, want_label) if index == 2 else (label == data.IGNORE_INDEX).all()
+
+
+# ----------------------------------------------------------------------------- IDD-Lite
+
+def make_idd_lite(root, rng):
+    """train: sequences 0 (frames 000100, 000200) and 7 (000100 again: frame numbers repeat across
+    sequences); val: sequence 3 (000300). Labels 0..6 and 255."""
+    labels = {}
+    for split, sequence, frame in (("train", "0", "000100"), ("train", "0", "000200"), ("train", "7", "000100"),
+                                   ("val", "3", "000300")):
+        save_rgb(root / "leftImg8bit" / split / sequence / f"{frame}_image.jpg", rng.integers(0, 255, (12, 16, 3)))
+        label = random_ids(rng, (12, 16), list(range(7)) + [255])
+        labels[f"{sequence}/{frame}"] = label
+        save_label(root / "gtFine" / split / sequence / f"{frame}_label.png", label)
+    return labels
+
+
+def test_idd_lite_reads_its_official_layout(tmp_path, monkeypatch):
+    labels = make_idd_lite(tmp_path, np.random.default_rng(30))
+    monkeypatch.chdir(tmp_path)  # a relative root
+    assert len(data.build_dataset("idd_lite", ".", "val", train=False)) == 1
+    train = data.build_dataset("idd_lite", tmp_path, "train", train=False)
+    val = data.build_dataset("idd_lite", tmp_path, "val", train=False)
+    assert (len(train), len(val), train.num_classes) == (3, 1, 7)
+    assert train.class_names == data.IDD_LITE_CLASSES and len(train.palette) == 7
+    assert data.frame_names(train) == ["0/000100", "0/000200", "7/000100"]
+    for dataset, names in ((train, data.frame_names(train)), (val, ["3/000300"])):
+        for index, name in enumerate(names):
+            image, label = dataset[index]
+            assert image.shape == (3, 12, 16)
+            assert np.array_equal(label.numpy(), labels[name])
+    cropped = data.build_dataset("idd_lite", tmp_path, "train", train=True, crop_size=(8, 8), image_scale=0.5)
+    assert cropped[0][0].shape == (3, 8, 8)
+
+
+def test_idd_lite_errors_name_the_file(tmp_path):
+    make_idd_lite(tmp_path, np.random.default_rng(31))
+    with pytest.raises(FileNotFoundError, match="IDD-Lite layout"):
+        data.build_dataset("idd_lite", tmp_path / "nope", "train", train=False)
+    os.remove(tmp_path / "gtFine" / "train" / "7" / "000100_label.png")
+    with pytest.raises(ValueError, match=r"000100_image.jpg has no label: .*7/000100_label.png does not exist"):
+        data.build_dataset("idd_lite", tmp_path, "train", train=False)
+    save_label(tmp_path / "gtFine" / "val" / "3" / "000300_label.png", np.full((12, 16), 7))
+    with pytest.raises(ValueError, match=r"000300_label.png has values \[7\] outside"):
+        data.build_dataset("idd_lite", tmp_path, "val", train=False)[0]
+    with pytest.raises(ValueError, match="splits"):
+        data.build_dataset("idd_lite", tmp_path, "test", train=False)
+
+
+def test_idd_lite_labelled_list_names_sequence_and_frame(tmp_path):
+    make_idd_lite(tmp_path, np.random.default_rng(32))
+    train = data.build_dataset("idd_lite", tmp_path, "train", train=False)
+    listing = tmp_path / "list.txt"
+    listing.write_text("7/000100\nleftImg8bit/train/0/000200_image.jpg\n")  # a name, or an image path
+    assert data.labelled_indices(train, listing) == [1, 2]
+    listing.write_text("000100\n")  # without its sequence the frame number is ambiguous
+    with pytest.raises(ValueError, match="line 1 names '000100', which is not a frame"):
+        data.labelled_indices(train, listing)
+
+
+def test_labelled_list_that_is_not_utf8_is_named(tmp_path):
+    synthetic = data.build_dataset("synthetic", None, "train", train=False, length=8, image_size=32)
+    listing = tmp_path / "latin1.txt"
+    listing.write_bytes("1\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"--labelled-list: {re.escape(str(listing))} is not UTF-8 text"):
+        data.labelled_indices(synthetic, listing)
+
+
+def test_every_record_is_complete():
+    for name, record in data.DATASETS.items():
+        assert len(record.classes) == len(record.palette), name
+        assert {"data_root", "iters", "batch_size", "lr", "crop_size", "width"} <= set(record.defaults), name
+        assert set(record.label_ids.values()) == set(range(len(record.classes))) or record.pairs is None, name
+
+
+# ----------------------------------------------------------------------------- cross-domain
+
+def test_camvid_and_idd_lite_share_idd_lites_seven_classes():
+    groups, lut, names = data.shared_classes("camvid", "idd_lite")  # a CamVid model on IDD-Lite frames
+    assert lut is None and names == data.IDD_LITE_CLASSES
+    camvid = data.CAMVID_CLASSES
+    assert [[camvid[i] for i in group] for group in groups] == [
+        ["road"], ["pavement"], ["pedestrian", "bicyclist"], ["car"], ["pole", "signsymbol", "fence"],
+        ["building", "tree"], ["sky"]]
+    groups, lut, names = data.shared_classes("idd_lite", "camvid")  # an IDD-Lite model on CamVid frames
+    assert groups is None and names == data.IDD_LITE_CLASSES
+    assert lut[:11].tolist() == [6, 5, 4, 0, 1, 5, 4, 4, 3, 2, 2] and lut[255] == 255
+
+
+def test_a_pair_without_a_correspondence_is_refused_by_name():
+    with pytest.raises(ValueError, match="no class correspondence between voc and camvid"):
+        data.shared_classes("voc", "camvid")
+
+
+def test_shared_labels_maps_the_label_ids(tmp_path):
+    labels = make_camvid(tmp_path, np.random.default_rng(33))[1]
+    val = data.build_dataset("camvid", tmp_path, "val", train=False)
+    _, lut, names = data.shared_classes("idd_lite", "camvid")
+    shared = data.SharedLabels(val, lut, names)
+    assert shared.num_classes == 7 and shared.class_names == names
+    want = np.where(labels["0003"] == 11, 255, lut[np.minimum(labels["0003"], 10)])
+    assert np.array_equal(shared[0][1].numpy(), want)

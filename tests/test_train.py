@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 import train
-from data import SYNTHETIC_CLASSES, build_dataset
+from data import DATASETS, SYNTHETIC_CLASSES, build_dataset
 from fckd import FCKDLoss
 from models import build_model
 from utils import CHECKPOINT_KEYS, Interrupted, dataset_from_checkpoint, load_checkpoint, run_cli, save_checkpoint
@@ -86,7 +86,7 @@ def test_training_writes_checkpoints_log_and_a_final_json_summary(tmp_path, caps
     steps = [r for r in log if "loss" in r]
     vals = [r for r in log if "val" in r]
     assert [r["iter"] for r in steps] == [1, 2, 3]
-    assert [r["lr"] for r in steps] == pytest.approx([train.DATASET_DEFAULTS["synthetic"]["lr"] * (1 - i / 3) ** 0.9 for i in range(3)])
+    assert [r["lr"] for r in steps] == pytest.approx([DATASETS["synthetic"].defaults["lr"] * (1 - i / 3) ** 0.9 for i in range(3)])
     for r in steps:
         assert r["loss"] == pytest.approx(r["ce"] + r["aux"], rel=1e-5)
     assert [r["iter"] for r in vals] == [2, 3]
