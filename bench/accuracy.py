@@ -74,6 +74,16 @@ SETTINGS = {
         "student": ["--model", "deeplabv3_resnet18", "--width", "0.25", "--iters", "1800"],
     },
 }
+# IDD-Lite (docs/results.md, "IDD-Lite: the pilot"): half-scale frames (160 x 113, crops of 112 x 160
+# hold nearly a whole frame), a teacher 6x longer-trained than the students on every label; the
+# students see the labels of 1 frame in 8 (or 16) only, and the distilled ones as many unlabelled
+# frames a batch again, which feed the distillation loss alone.
+SETTINGS["idd-lite-cpu"] = {
+    "common": ["--dataset", "idd_lite", "--image-scale", "0.5", "--crop-size", "112", "160", "--batch-size", "8",
+               "--lr", "0.1", "--workers", "0", "--save-every", "200", "--val-every", "100000"],
+    "teacher": ["--model", "deeplabv3_resnet18", "--width", "0.5", "--iters", "10800"],
+    "student": ["--model", "deeplabv3_resnet18", "--width", "0.125", "--iters", "1800"],
+}
 # S2, few labels: S0's teacher (the same run) and schedule; the students get the labels of every
 # 8th line of CamVid's train.txt only, and distil on every frame.
 SETTINGS["camvid-cpu-fewlabels"] = {
