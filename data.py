@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from scenes import SYNTHETIC_CLASSES, draw_scene
 
@@ -533,9 +533,9 @@ CLASS_CORRESPONDENCE = {
 
 
 def shared_classes(model_set, data_set):
-    """How a model of `model_set` is scored on `data_set`: (prediction_groups, label_lut, names).
+    """How a model of `model_set` is scored on `data_set`: (prediction_groups, label_lut, coarse).
 
-    The scores are over the coarser set's classes `names`. prediction_groups[k] lists the model's
+    The scores are over the classes of `coarse`, the coarser set's name. prediction_groups[k] lists the model's
     classes that make shared class k (None: the model's own classes are the shared ones);
     label_lut (256 entries, uint8) maps the data's class ids to shared ids (None: they are). Both
     come from CLASS_CORRESPONDENCE, in whichever direction the pair is written; ValueError naming
@@ -548,22 +548,22 @@ def shared_classes(model_set, data_set):
         fine_to_coarse = [coarse_classes.index(to_coarse[name]) for name in fine_classes]
         if model_set == fine:
             groups = [[i for i, k in enumerate(fine_to_coarse) if k == shared] for shared in range(len(coarse_classes))]
-            return groups, None, coarse_classes
+            return groups, None, coarse
         lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
         lut[:len(fine_to_coarse)] = fine_to_coarse
-        return None, lut, coarse_classes
+        return None, lut, coarse
     pairs = ", ".join(f"{a} <-> {b}" for a, b in CLASS_CORRESPONDENCE)
     raise ValueError(f"no class correspondence between {model_set} and {data_set}: a {model_set} model cannot be "
                      f"scored on {data_set} (data.CLASS_CORRESPONDENCE has {pairs})")
 
 
 class SharedLabels(Dataset):
-    """dataset[index] with its label's class ids mapped through `lut` to `class_names`."""
+    """dataset[index] with its label's class ids mapped through `lut` to the classes of dataset `coarse`."""
 
-    def __init__(self, dataset, lut, class_names):
+    def __init__(self, dataset, lut, coarse):
         self.dataset, self.lut = dataset, torch.from_numpy(lut.astype(np.int64))
-        self.class_names, self.num_classes = class_names, len(class_names)
-        self.palette = dataset.palette[:len(class_names)]
+        self.class_names, self.palette = DATASETS[coarse].classes, DATASETS[coarse].palette
+        self.num_classes = len(self.class_names)
 
     def __len__(self):
         return len(self.dataset)
@@ -584,14 +584,14 @@ def frame_names(dataset):
     return [DATASETS[dataset.name].frame_name(image) for image, _ in dataset.pairs]
 
 
-def labelled_indices(dataset, path):
-    """Sorted indices of the frames of `dataset` that the list file `path` names, one frame a line
-    in the dataset's own list format (its first token: an image path or id; synthetic: the scene
-    index). ValueError naming the file for a missing or empty list, and the line for a frame that
-    is not in `dataset` (the training split)."""
+def listed_indices(dataset, path, flag="--labelled-list", split="train"):
+    """Sorted indices of the frames of `dataset` (its `split`) that the list file `path` names, one
+    frame a line in the dataset's own list format (its first token: an image path or id; IDD-Lite:
+    sequence/frame; synthetic: the scene index). ValueError naming `flag` and the file for a
+    missing, empty or non-UTF-8 list, and the line for a frame that is not in `dataset`."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(f"--labelled-list: {path} not found")
+        raise ValueError(f"{flag}: {path} not found")
     index = {name: i for i, name in enumerate(frame_names(dataset))}
     frame_name = DATASETS[dataset.name].frame_name
     chosen = set()
@@ -599,7 +599,7 @@ def labelled_indices(dataset, path):
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
     except UnicodeDecodeError as e:
-        raise ValueError(f"--labelled-list: {path} is not UTF-8 text (byte {e.start}); save it as UTF-8, "
+        raise ValueError(f"{flag}: {path} is not UTF-8 text (byte {e.start}); save it as UTF-8, "
                          "one frame a line") from None
     for number, line in enumerate(lines, 1):
         tokens = line.split()
@@ -607,12 +607,20 @@ def labelled_indices(dataset, path):
             continue
         name = frame_name(tokens[0])
         if name not in index:
-            raise ValueError(f"--labelled-list: {path} line {number} names {tokens[0]!r}, which is not a frame of "
-                             f"the training split ({len(index)} frames)")
+            raise ValueError(f"{flag}: {path} line {number} names {tokens[0]!r}, which is not a frame of "
+                             f"the {split} split ({len(index)} frames)")
         chosen.add(index[name])
     if not chosen:
-        raise ValueError(f"--labelled-list: {path} lists no frame")
+        raise ValueError(f"{flag}: {path} lists no frame")
     return sorted(chosen)
+
+
+class Frames(Subset):
+    """The frames `indices` of `dataset`, with its num_classes, class_names and palette."""
+
+    def __init__(self, dataset, indices):
+        super().__init__(dataset, indices)
+        self.num_classes, self.class_names, self.palette = dataset.num_classes, dataset.class_names, dataset.palette
 
 
 class PartlyLabelled(Dataset):

@@ -9,7 +9,13 @@ Evaluate a train.py checkpoint: per-class IoU and Acc, aAcc, mAcc and mIoU on wh
     python eval.py --ckpt best.pt --export student.pt2 --export-size 512 512   # deploy: no evaluation
 
 The model, dataset and data root come from the checkpoint; --dataset/--data-root/--split
-override them. --save-dir writes, for the first --save-max images, image | label | prediction
+override them, and --frames scores the frames a list names only. A checkpoint scored on another
+dataset (CamVid <-> IDD-Lite) is scored over the classes the two share (data.CLASS_CORRESPONDENCE:
+a finer model's class probabilities summed within each shared class, a finer label map mapped),
+on frames resized to the width of the frames it trained on:
+
+    python eval.py --ckpt runs/camvid/best.pt --dataset idd_lite --data-root data/idd20k_lite
+ --save-dir writes, for the first --save-max images, image | label | prediction
 side by side, and with --teacher-ckpt the teacher's normalised pixel entropy and FCKD's hard
 condensation matrix (white = pixels FCKD distils, black = pixels it drops) as grey pictures.
 
@@ -32,7 +38,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import save_image
 
-from data import DATASET_NAMES, IGNORE_INDEX, MEAN, STD, SYNTHETIC_SIZE
+from data import (DATASET_NAMES, DATASETS, IGNORE_INDEX, MEAN, STD, SYNTHETIC_SIZE, Frames, SharedLabels,
+                  listed_indices, shared_classes)
 from fckd import DEFAULT_KEEP, DEFAULT_THRESHOLD, condensation_matrix, pixel_entropy
 from utils import (atomic_write, autocast, check_num_classes, dataset_from_checkpoint, evaluate, format_metrics,
                    is_main, memory_format, model_from_checkpoint, resolve_amp, run_cli, segmentation_metrics,
@@ -43,7 +50,7 @@ SCALES = (0.25, 4.0)  # beyond these an image is a few logits wide, or 16 times 
 MIN_EXPORT_SIZE = 32  # pixels a side, as train.py's MIN_CROP: the smallest input the nets are trained on
 EXPORT_BATCH = 2  # the example batch torch.export traces: a batch of 1 would fix the batch size at 1
 # the flags of an evaluation, which --export (export only) would silently ignore
-EVALUATION_FLAGS = ("dataset", "data_root", "split", "image_scale", "flip", "scales", "window", "amp", "workers",
+EVALUATION_FLAGS = ("dataset", "data_root", "split", "image_scale", "frames", "flip", "scales", "window", "amp", "workers",
                     "json", "save_dir", "save_max", "teacher_ckpt", "fckd_threshold")
 
 
@@ -54,7 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--data-root", help="default: the checkpoint's, when the dataset is the checkpoint's")
     p.add_argument("--split", default="val", help="val (default), or test for camvid")
     p.add_argument("--image-scale", type=float, help="resize the images by this factor in (0, 1] (default: the "
-                   "checkpoint's); the scores are always against the full-resolution labels")
+                   "checkpoint's; on another dataset, the factor that gives its frames the width of the ones the "
+                   "model trained on); the scores are always against the full-resolution labels")
+    p.add_argument("--frames", metavar="FILE", help="score only the frames of the split this file lists (one a line, "
+                   "named as --labelled-list names them)")
     p.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0],
                    help=f"image scales to average over, each in [{SCALES[0]}, {SCALES[1]}] (default: 1.0)")
@@ -144,8 +154,7 @@ def evaluate_checkpoint(args, device):
         raise ValueError(f"--window {args.window[0]} {args.window[1]} is smaller than the output stride {stride} "
                          f"of {args.ckpt}: pass a window of at least {stride} x {stride}, or none (whole images)")
     dataset_name = args.dataset or checkpoint["dataset"]
-    dataset = dataset_from_checkpoint(checkpoint, args.split, dataset_name, args.data_root, args.image_scale)
-    check_num_classes(checkpoint, args.ckpt, dataset_name, dataset.num_classes)
+    model, dataset = scored_data(args, model, checkpoint, dataset_name)
     model.to(device, memory_format=memory_format(device))
     amp = resolve_amp(args.amp, device)
     workers = args.workers if args.workers is not None else checkpoint["args"].get("workers", 0)
@@ -158,13 +167,55 @@ def evaluate_checkpoint(args, device):
         raise FloatingPointError(f"{args.ckpt} cannot be scored: {e} of the {dataset_name} {args.split} split") from e
     metrics = segmentation_metrics(confusion, dataset.class_names)
     if is_main():
+        shared = f", the classes it shares with {checkpoint['dataset']}" if dataset_name != checkpoint["dataset"] else ""
         print(f"{args.ckpt} on {dataset_name} {args.split} ({len(dataset)} images; scales {args.scales}"
-              f"{', flip' if args.flip else ''}{f', window {window}' if window else ''})")
+              f"{', flip' if args.flip else ''}{f', window {window}' if window else ''}{shared})")
         print(format_metrics(metrics))
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"checkpoint": args.ckpt, "dataset": dataset_name, "split": args.split, **metrics}, f,
-                          indent=1)
+                json.dump({"checkpoint": args.ckpt, "dataset": dataset_name, "trained_on": checkpoint["dataset"],
+                           "split": args.split, "frames": args.frames, **metrics}, f, indent=1)
+
+
+def scored_data(args, model, checkpoint, dataset_name):
+    """(model, dataset) as they are scored: --dataset's --split (--frames of it), and on a dataset
+    other than the checkpoint's, both mapped to the classes the two share (data.shared_classes)
+    with the frames resized to the width the model trained at, unless --image-scale says otherwise."""
+    trained_on, image_scale = checkpoint["dataset"], args.image_scale
+    if dataset_name != trained_on:
+        groups, lut, coarse = shared_classes(trained_on, dataset_name)
+        if args.teacher_ckpt:
+            raise ValueError("--teacher-ckpt pictures a teacher in the checkpoint's own domain; drop it to score "
+                             f"{args.ckpt} on {dataset_name}")
+        if image_scale is None:
+            width = DATASETS[trained_on].frame_width * (checkpoint["args"].get("image_scale") or 1.0)
+            image_scale = width / DATASETS[dataset_name].frame_width
+            if is_main():
+                print(f"{dataset_name} frames resized by {image_scale:.4g} to {width:.0f} pixels wide, the width of "
+                      f"the {trained_on} frames {args.ckpt} trained on")
+    dataset = dataset_from_checkpoint(checkpoint, args.split, dataset_name, args.data_root, image_scale)
+    if args.frames:
+        dataset = Frames(dataset, listed_indices(dataset, args.frames, "--frames", args.split))
+    if dataset_name == trained_on:
+        check_num_classes(checkpoint, args.ckpt, dataset_name, dataset.num_classes)
+        return model, dataset
+    if lut is not None:
+        dataset = SharedLabels(dataset, lut, coarse)
+    return (model if groups is None else SharedClassLogits(model, groups)), dataset
+
+
+class SharedClassLogits(torch.nn.Module):
+    """A model of a finer class set, scored over a coarser one: the logit of shared class k is
+    log sum_{c in groups[k]} softmax(z)_c, so that its softmax is the summed probability of the
+    model's classes in that group."""
+
+    def __init__(self, model, groups):
+        super().__init__()
+        self.model, self.groups = model, groups
+
+    def forward(self, images):
+        log_p = self.model(images)["out"].float().log_softmax(1)
+        return {"out": torch.stack([log_p[:, group].logsumexp(1) for group in self.groups], 1)}
 
 
 def picture_writer(args, checkpoint, dataset, dataset_name, device, amp):

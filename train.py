@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from data import DATASET_NAMES, DATASETS, IGNORE_INDEX, PartlyLabelled, build_dataset, labelled_indices, synthetic_options
+from data import DATASET_NAMES, DATASETS, IGNORE_INDEX, PartlyLabelled, build_dataset, listed_indices, synthetic_options
 from fckd import (APPLY_MODES, CONDENSE_MODES, DEFAULT_APPLY, DEFAULT_GAMMA, DEFAULT_KEEP, DEFAULT_SIMILARITY,
                   DEFAULT_TEMPERATURE, DEFAULT_THRESHOLD, SIMILARITIES, FCKDLoss, channel_kd, spatial_kd)
 from models import MODEL_NAMES, build_model, listing
@@ -76,6 +76,7 @@ NUMBER_RULES = (
     ("image_scale", "in (0, 1]", lambda x: x is None or 0 < x <= 1),
     ("iters", ">= 1", lambda x: x >= 1),
     ("batch_size", ">= 1", lambda x: x >= 1),
+    ("unlabelled_batch_size", ">= 0", lambda x: x is None or x >= 0),
     ("val_every", ">= 1", lambda x: x >= 1),
     ("save_every", ">= 1", lambda x: x >= 1),
     ("log_every", ">= 1", lambda x: x >= 1),
@@ -93,9 +94,11 @@ def build_parser():
     p.add_argument("--image-scale", type=float, help="real sets: resize every image by this factor in (0, 1] first; "
                    "validation scores against the full-resolution labels (default: 1)")
     p.add_argument("--labelled-list", metavar="FILE",
-                   help="use ground truth only for the training frames this file lists (lines as in the dataset's "
-                        "own lists: an image path or id first; synthetic: the scene index); with a teacher every "
-                        "frame feeds the distillation loss, without one only the listed frames are sampled")
+                   help="train on the training frames this file lists only (lines as in the dataset's own lists: "
+                        "an image path or id first; IDD-Lite: sequence/frame; synthetic: the scene index)")
+    p.add_argument("--unlabelled-batch-size", type=int,
+                   help="with --labelled-list and a teacher: frames the list leaves out, added to each batch without "
+                        "their labels, which feed the distillation loss only (global; default: --batch-size)")
     p.add_argument("--model", choices=MODEL_NAMES, default="deeplabv3_resnet18", help="default: %(default)s")
     p.add_argument("--width", type=float, help=f"width multiplier of the model; {per_dataset}")
     p.add_argument("--output-stride", type=int, choices=(8, 16), default=8, help="default: %(default)s")
@@ -173,6 +176,11 @@ def parse_args(argv=None):
         p.error(f"--kd {args.kd} needs a teacher: pass --teacher-ckpt PATH")
     if args.teacher_ckpt and not args.kd:
         args.kd = "fckd"
+    if args.unlabelled_batch_size is not None and not (args.labelled_list and args.teacher_ckpt):
+        p.error("--unlabelled-batch-size applies to a distilled run with --labelled-list (a teacher's frames "
+                "without labels): pass --labelled-list and --teacher-ckpt, or drop it")
+    if args.labelled_list and args.teacher_ckpt and args.unlabelled_batch_size is None:
+        args.unlabelled_batch_size = args.batch_size
     if args.overwrite and args.resume:
         p.error("--overwrite starts afresh, --resume continues: pass one of them")
     for key, rule, test in NUMBER_RULES:
@@ -521,37 +529,53 @@ def use_fast_cuda_kernels():
 
 
 def training_data(args, rank, world_size, cuda):
-    """(train_set, val_set, sampler, loader, batches_per_epoch): this rank's share of the
-    shuffled training batches, in an order a resumed run can pick up (ResumableSampler,
-    SeededSamples). With --labelled-list the unlisted frames get all-ignore labels (a distilled
-    run still samples them) or are not sampled (a run without a teacher). The real sets' val
-    images are all decoded first, so that a bad file stops the run now and not at the first
-    validation."""
-    batch_per_rank = args.batch_size // world_size
+    """(train_set, val_set, streams): this rank's share of the shuffled training batches as
+    streams of (loader, sampler, batches_per_epoch), in an order a resumed run can pick up
+    (ResumableSampler, SeededSamples); training_batches joins them. With --labelled-list only the
+    listed frames are sampled as the labelled batch, and a distilled run draws a second stream of
+    --unlabelled-batch-size unlisted frames (labels all-ignore) that feed the distillation loss
+    alone: distillation adds frames and takes no label visits away. The real sets' val images are
+    all decoded first, so that a bad file stops the run now and not at the first validation."""
     options = synthetic_options(args.dataset, args.synthetic_length, args.synthetic_size)
     image_scale = args.image_scale or 1.0
     train_set = build_dataset(args.dataset, args.data_root, "train", train=True, crop_size=args.crop_size,
                               image_scale=image_scale, **options)
-    sampled, what = train_set, "train split"
+    parts = [(train_set, "train split", args.batch_size, args.seed)]
     if args.labelled_list:
-        labelled = labelled_indices(train_set, args.labelled_list)
-        if args.teacher_ckpt:
-            sampled = PartlyLabelled(train_set, labelled)
-        else:
-            sampled, what = Subset(train_set, labelled), f"labelled list {args.labelled_list}"
+        labelled = listed_indices(train_set, args.labelled_list)
+        parts = [(Subset(train_set, labelled), f"labelled list {args.labelled_list}", args.batch_size, args.seed)]
+        if args.teacher_ckpt and args.unlabelled_batch_size:
+            listed = set(labelled)
+            unlabelled = Subset(PartlyLabelled(train_set, []), [i for i in range(len(train_set)) if i not in listed])
+            # another seed: the two streams' samples would otherwise share their augmentations
+            parts.append((unlabelled, "frames the labelled list leaves out", args.unlabelled_batch_size,
+                          args.seed + 1))
     val_set = build_dataset(args.dataset, args.data_root, "val", train=False, image_scale=image_scale, **options)
-    batches_per_epoch = len(sampled) // world_size // batch_per_rank
-    if batches_per_epoch == 0:
-        raise ValueError(f"the {args.dataset} {what} has {len(sampled)} images, fewer than the "
-                         f"global batch size {args.batch_size}")
+    streams = []
+    for sampled, what, batch_size, seed in parts:
+        batch_per_rank = batch_size // world_size
+        batches_per_epoch = len(sampled) // world_size // batch_per_rank
+        if batches_per_epoch == 0:
+            raise ValueError(f"the {args.dataset} {what} has {len(sampled)} images, fewer than the "
+                             f"global batch size {batch_size}")
+        sampler = ResumableSampler(sampled, world_size, rank, seed)
+        loader = DataLoader(SeededSamples(sampled, seed), batch_size=batch_per_rank, sampler=sampler,
+                            num_workers=args.workers, pin_memory=cuda, drop_last=True,
+                            persistent_workers=args.workers > 0, worker_init_fn=quiet_on_stop_signals,
+                            generator=torch.Generator())  # its own generator: iter(loader) leaves the global RNG alone
+        streams.append((loader, sampler, batches_per_epoch))
     if args.dataset != "synthetic":  # the synthetic scenes are generated, not read
         decode_split(val_set, args.workers, rank, world_size, f"{args.dataset} val")
-    sampler = ResumableSampler(sampled, world_size, rank, args.seed)
-    loader = DataLoader(SeededSamples(sampled, args.seed), batch_size=batch_per_rank, sampler=sampler,
-                        num_workers=args.workers, pin_memory=cuda, drop_last=True,
-                        persistent_workers=args.workers > 0, worker_init_fn=quiet_on_stop_signals,
-                        generator=torch.Generator())  # its own generator: iter(loader) leaves the global RNG alone
-    return train_set, val_set, sampler, loader, batches_per_epoch
+    return train_set, val_set, streams
+
+
+def training_batches(streams, iteration):
+    """The training batches from `iteration` on: one batch of each stream, concatenated."""
+    data = [batches(loader, sampler, iteration, per_epoch) for loader, sampler, per_epoch in streams]
+    if len(data) == 1:
+        return data[0]
+    return ((torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts]))
+            for parts in zip(*data))
 
 
 def seeded_student(args, num_classes, rank):
@@ -710,8 +734,9 @@ def main(argv=None):
 
 
 def train(args, rank, world_size, device, stop):
-    if args.batch_size % world_size:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
+    for flag, size in (("--batch-size", args.batch_size), ("--unlabelled-batch-size", args.unlabelled_batch_size or 0)):
+        if size % world_size:
+            raise ValueError(f"{flag} {size} is not divisible by the {world_size} ranks")
     cuda = device.type == "cuda"
     amp = resolve_amp(args.amp, device)
     if cuda:
@@ -724,7 +749,7 @@ def train(args, rank, world_size, device, stop):
 
     args.teacher_sha256 = teacher_sha256(args)
     resume_path, checkpoint = checkpoint_to_resume(args, device, world_size)
-    train_set, val_set, sampler, loader, batches_per_epoch = training_data(args, rank, world_size, cuda)
+    train_set, val_set, streams = training_data(args, rank, world_size, cuda)
     num_classes = train_set.num_classes
     teacher, distill = frozen_teacher(args, num_classes, device)
     model, model_options = seeded_student(args, num_classes, rank)
@@ -747,7 +772,7 @@ def train(args, rank, world_size, device, stop):
 
     # the loop: losses stay on the device and are reduced every --log-every iterations, so the
     # host never waits for the device in between
-    data = batches(loader, sampler, start, batches_per_epoch)
+    data = training_batches(streams, start)
     iteration, saved_iteration, last_miou = start, (start if checkpoint else None), None
     sums, steps = {}, 0
     first_nonfinite = torch.tensor(args.iters + 1, device=device)  # the first iteration with a NaN/inf loss

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from data import IGNORE_INDEX, build_dataset, synthetic_options
+from data import DATASETS, IGNORE_INDEX, build_dataset, synthetic_options
 from models import build_model, listing, load_torch_file, load_weights, require_file
 
 # -----------------------------------------------------------------------------
@@ -455,6 +455,7 @@ def dataset_from_checkpoint(checkpoint, split, name=None, data_root=None, image_
     trained = checkpoint["args"]
     name = name or checkpoint["dataset"]
     if name != checkpoint["dataset"]:
+        data_root = data_root or DATASETS[name].defaults["data_root"]
         return build_dataset(name, data_root, split, train=False, image_scale=image_scale or 1.0)
     options = synthetic_options(name, trained.get("synthetic_length"), trained.get("synthetic_size"))
     image_scale = image_scale or trained.get("image_scale") or 1.0

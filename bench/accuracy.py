@@ -9,6 +9,8 @@
     python bench/accuracy.py --setting camvid-cpu-patient --table pilot --jobs 2 -- --data-root ../shared/camvid
     python bench/accuracy.py --setting camvid-cpu-fewlabels --table pilot --jobs 2 -- --data-root ../shared/camvid
                                                       # the instrument pilot's settings S1 and S2 (docs/results.md)
+    python bench/accuracy.py --setting idd-lite-cpu-fewlabels8 --table pilot --jobs 2 -- --data-root data/idd20k_lite
+                                                      # the IDD-Lite pilot's settings I1-I3 (docs/results.md)
     python bench/accuracy.py --table ablation --rows baseline "fckd soft" --jobs 2   # a part of a table
     python bench/accuracy.py -- --amp off             # everything after -- goes to every train.py run
 
@@ -84,6 +86,17 @@ SETTINGS["idd-lite-cpu"] = {
     "teacher": ["--model", "deeplabv3_resnet18", "--width", "0.5", "--iters", "10800"],
     "student": ["--model", "deeplabv3_resnet18", "--width", "0.125", "--iters", "1800"],
 }
+# The IDD-Lite pilot's settings I1-I3: idd-lite-cpu's teacher run; every score also on the two val halves
+IDD_LITE_HALVES = ("bench/idd_lite_val_half_a.txt", "bench/idd_lite_val_half_b.txt")
+IDD_LITE_RULE = dict(teacher_room=3.0, max_baseline_std=1.0, min_half_gain=1.0)  # beside the CamVid pilot's
+SETTINGS["idd-lite-cpu"]["halves"] = IDD_LITE_HALVES
+for share in (8, 16):
+    SETTINGS[f"idd-lite-cpu-fewlabels{share}"] = {
+        **SETTINGS["idd-lite-cpu"], "teacher_setting": "idd-lite-cpu", "pilot_rule": IDD_LITE_RULE,
+        "student": [*SETTINGS["idd-lite-cpu"]["student"], "--labelled-list", f"bench/idd_lite_train_1in{share}.txt"]}
+SETTINGS["idd-lite-cpu-patient"] = {
+    **SETTINGS["idd-lite-cpu"], "teacher_setting": "idd-lite-cpu", "pilot_rule": IDD_LITE_RULE,
+    "student": ["--model", "deeplabv3_resnet18", "--width", "0.125", "--iters", "5400"]}
 # S2, few labels: S0's teacher (the same run) and schedule; the students get the labels of every
 # 8th line of CamVid's train.txt only, and distil on every frame.
 SETTINGS["camvid-cpu-fewlabels"] = {
@@ -187,8 +200,9 @@ def run_dir(out, name, seed):
     return Path(out) / f"{re.sub('[^a-z0-9.]+', '-', name.lower()).strip('-')}_s{seed}"
 
 
-def run(name, seed, train_args, out, threads):
-    """Train (or finish training) and evaluate one run; returns its result dict (from result.json)."""
+def run(name, seed, train_args, out, threads, halves=()):
+    """Train (or finish training) and evaluate one run; returns its result dict (from result.json).
+    halves: lists of val frames that the run is scored on too, one by one (halves_mIoU)."""
     directory = run_dir(out, name, seed)
     result_path = directory / "result.json"
     train_cmd = [sys.executable, "train.py", *train_args, "--seed", str(seed), "--out", str(directory),
@@ -196,6 +210,23 @@ def run(name, seed, train_args, out, threads):
     command = " ".join(["python", *train_cmd[1:]])
     settings = train.parse_args(train_cmd[2:])
     settings.teacher_sha256 = train.teacher_sha256(settings)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+
+    def evaluate(frames, json_path, log):
+        cmd = [sys.executable, "eval.py", "--ckpt", str(directory / "last.pt"), "--json", str(json_path),
+               *(["--frames", str(frames)] if frames else [])]
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        if subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode:
+            raise RuntimeError(f"run {directory.name} failed: {' '.join(cmd)}; see {directory / 'output.log'}")
+        return json.loads(Path(json_path).read_text())
+
+    def score_halves(result):
+        with open(directory / "output.log", "a") as log:
+            result["halves_mIoU"] = [evaluate(frames, directory / f"eval_half{i}.json", log)["mIoU"]
+                                     for i, frames in enumerate(halves)]
+        result_path.write_text(json.dumps(result, indent=1) + "\n")
+
     if result_path.exists():
         result = json.loads(result_path.read_text())
         # a finished run stands in for this one only if it was trained with the same settings, checked as
@@ -204,23 +235,24 @@ def run(name, seed, train_args, out, threads):
             train.check_resumed_settings(result["train_args"], settings, result_path)
         except ValueError as e:
             raise RuntimeError(f"{e}\n(move {directory} away or pass another --runs)") from None
+        if halves and len(result.get("halves_mIoU", ())) != len(halves):  # a run scored before the halves were
+            score_halves(result)
         return result
     directory.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    eval_cmd = [sys.executable, "eval.py", "--ckpt", str(directory / "last.pt"), "--json", str(directory / "eval.json")]
     start = time.perf_counter()
     with open(directory / "output.log", "a") as log:
-        for cmd in (train_cmd, eval_cmd):
-            log.write(f"$ {' '.join(cmd)}\n")
-            log.flush()
-            if subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode:
-                raise RuntimeError(f"run {directory.name} failed: {' '.join(cmd)}; see {directory / 'output.log'}")
-    metrics = json.loads((directory / "eval.json").read_text())
+        log.write(f"$ {' '.join(train_cmd)}\n")
+        log.flush()
+        if subprocess.run(train_cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode:
+            raise RuntimeError(f"run {directory.name} failed: {' '.join(train_cmd)}; see {directory / 'output.log'}")
+        metrics = evaluate(None, directory / "eval.json", log)
     keep = [r["keep_ratio"] for r in map(json.loads, (directory / "log.jsonl").read_text().splitlines())
             if "keep_ratio" in r]
     result = {"mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"], "per_class": metrics["per_class"],
               "keep_ratio_last": keep[-1] if keep else None, "minutes": (time.perf_counter() - start) / 60,
               "train_command": command, "train_args": vars(settings)}
+    if halves:
+        score_halves(result)
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{directory.name}: mIoU {result['mIoU']:.2f} mAcc {result['mAcc']:.2f} "
           f"({result['minutes']:.1f} min)", flush=True)
@@ -238,6 +270,8 @@ def summarise(name, results, baseline_miou=None):
     row["delta_mIoU"] = None if baseline_miou is None else row["mIoU_mean"] - baseline_miou
     keep = [results[s]["keep_ratio_last"] for s in row["seeds"] if results[s]["keep_ratio_last"] is not None]
     row["keep_ratio_last"] = statistics.fmean(keep) if keep else None
+    if all("halves_mIoU" in results[s] for s in row["seeds"]):  # mean over seeds on each half of val
+        row["halves_mIoU_mean"] = [statistics.fmean(h) for h in zip(*(results[s]["halves_mIoU"] for s in row["seeds"]))]
     row["per_class_IoU_mean"] = {}
     for c in results[row["seeds"][0]]["per_class"]:
         values = [results[s]["per_class"][c]["IoU"] for s in row["seeds"]]
@@ -246,19 +280,33 @@ def summarise(name, results, baseline_miou=None):
     return row
 
 
-def pilot_verdict(rows, min_gain=2.0):
-    """The pilot's rule (docs/results.md, "The pilot"): the better of KD and CWD by mean mIoU must
-    be at least min_gain over the baseline's mean, each of its seeds above the baseline's mean.
-    Returns {"method", "gain", "pooled_std", "gain_per_std", "every_seed_above", "passes"}."""
+def pilot_verdict(rows, min_gain=2.0, teacher_room=None, max_baseline_std=None, min_half_gain=None):
+    """The pilot's rule (docs/results.md): the better of KD and CWD by mean mIoU must be at least
+    min_gain over the baseline's mean, each of its seeds above the baseline's mean; IDD-Lite's rule
+    adds (each when given) the teacher (rows[0]) at least teacher_room above that method, the
+    baseline's seed std at most max_baseline_std, and the method's gain at least min_half_gain on
+    each half of val (rows' halves_mIoU_mean). Returns {"method", "gain", "pooled_std",
+    "gain_per_std", "every_seed_above", "teacher_room", "baseline_std", "half_gains", "passes"}."""
     by_name = {row["name"]: row for row in rows}
     baseline = by_name["baseline"]
     best = max((by_name["kd"], by_name["cwd"]), key=lambda row: row["mIoU_mean"])
     gain = best["mIoU_mean"] - baseline["mIoU_mean"]
     pooled_std = math.sqrt((baseline["mIoU_std"] ** 2 + best["mIoU_std"] ** 2) / 2)
     every_seed_above = all(value > baseline["mIoU_mean"] for value in best["mIoU"])
+    room = rows[0]["mIoU_mean"] - best["mIoU_mean"]
+    half_gains = ([b - a for a, b in zip(baseline["halves_mIoU_mean"], best["halves_mIoU_mean"])]
+                  if "halves_mIoU_mean" in baseline and "halves_mIoU_mean" in best else None)
+    checks = [gain >= min_gain, every_seed_above]
+    if teacher_room is not None:
+        checks.append(room >= teacher_room)
+    if max_baseline_std is not None:
+        checks.append(baseline["mIoU_std"] <= max_baseline_std)
+    if min_half_gain is not None:
+        checks.append(half_gains is not None and all(g >= min_half_gain for g in half_gains))
     return {"method": best["name"], "gain": gain, "pooled_std": pooled_std,
             "gain_per_std": gain / pooled_std if pooled_std > 0 else math.inf,
-            "every_seed_above": every_seed_above, "passes": gain >= min_gain and every_seed_above}
+            "every_seed_above": every_seed_above, "teacher_room": room, "baseline_std": baseline["mIoU_std"],
+            "half_gains": half_gains, "passes": all(checks)}
 
 
 def format_table(rows):
@@ -311,13 +359,16 @@ def main(argv=None):
     jobs = [(name, seed, [*setting["common"], *setting["student"], *extra,
                           *(["--teacher-ckpt", teacher_ckpt, *flags] if flags else [])])
             for name, flags in variants.items() for seed in args.seeds]
+    halves = setting.get("halves", ())
     with ThreadPoolExecutor(args.jobs) as pool:
-        teacher_run = pool.submit(run, "teacher", 0, teacher_args, teacher_out, threads)
+        teacher_run = pool.submit(run, "teacher", 0, teacher_args, teacher_out, threads, halves)
         # the students without a teacher train while it does, the others once it is done
         needs_teacher = ["--teacher-ckpt" in train_args for _, _, train_args in jobs]
-        futures = {i: pool.submit(run, *job, out, threads) for i, job in enumerate(jobs) if not needs_teacher[i]}
+        futures = {i: pool.submit(run, *job, out, threads, halves) for i, job in enumerate(jobs)
+                   if not needs_teacher[i]}
         teacher = teacher_run.result()
-        futures.update({i: pool.submit(run, *job, out, threads) for i, job in enumerate(jobs) if needs_teacher[i]})
+        futures.update({i: pool.submit(run, *job, out, threads, halves) for i, job in enumerate(jobs)
+                        if needs_teacher[i]})
         results = [futures[i].result() for i in range(len(jobs))]
 
     by_name = {}
@@ -329,11 +380,15 @@ def main(argv=None):
              for name, res in sorted(by_name.items(), key=lambda item: item[0] != "baseline")]  # baseline first
     table = format_table(rows)
     print(table)
-    verdict = pilot_verdict(rows) if args.table == "pilot" and set(PILOT) <= set(by_name) else None
-    if verdict:
+    verdict = None
+    if args.table == "pilot" and set(PILOT) <= set(by_name):
+        verdict = pilot_verdict(rows, **setting.get("pilot_rule", {}))
+        halves_said = "" if verdict["half_gains"] is None else \
+            f", gain on each val half {' '.join(f'{g:+.2f}' for g in verdict['half_gains'])}"
         print(f"pilot rule: {verdict['method']} {verdict['gain']:+.2f} mIoU over the baseline (pooled std "
               f"{verdict['pooled_std']:.2f}, gain/std {verdict['gain_per_std']:.2f}), every seed above the baseline's "
-              f"mean: {verdict['every_seed_above']}; {'passes' if verdict['passes'] else 'does not pass'}")
+              f"mean: {verdict['every_seed_above']}, teacher {verdict['teacher_room']:+.2f} above it, baseline std "
+              f"{verdict['baseline_std']:.2f}{halves_said}; {'passes' if verdict['passes'] else 'does not pass'}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     header = {**describe_run("accuracy.py", argv, device), "setting": args.setting, "seeds": args.seeds,
               "threads_per_run": threads or torch.get_num_threads(),

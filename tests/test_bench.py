@@ -128,6 +128,14 @@ def test_every_setting_and_table_row_is_a_valid_train_command():
     s0, s2 = accuracy.SETTINGS["camvid-cpu"], accuracy.SETTINGS["camvid-cpu-fewlabels"]
     assert s2["teacher"] == s0["teacher"] and s2["common"] == s0["common"] and s2["teacher_setting"] == "camvid-cpu"
     assert s2["student"] == [*s0["student"], "--labelled-list", "bench/camvid_train_1in8.txt"]
+    # IDD-Lite's I1-I3 share idd-lite-cpu's teacher run; I1 and I2 differ from it in the labelled list only
+    idd = accuracy.SETTINGS["idd-lite-cpu"]
+    for share in (8, 16):
+        few = accuracy.SETTINGS[f"idd-lite-cpu-fewlabels{share}"]
+        assert few["teacher"] == idd["teacher"] and few["common"] == idd["common"]
+        assert few["teacher_setting"] == "idd-lite-cpu" and few["halves"] == accuracy.IDD_LITE_HALVES
+        assert few["student"] == [*idd["student"], "--labelled-list", f"bench/idd_lite_train_1in{share}.txt"]
+    assert accuracy.SETTINGS["idd-lite-cpu-patient"]["teacher_setting"] == "idd-lite-cpu"
 
 
 def test_data_speed_runs_and_writes_json(tmp_path):
@@ -259,3 +267,53 @@ def test_pilot_verdict_applies_the_rule_written_before_the_runs():
     small = accuracy.pilot_verdict([baseline, row("kd", [33.0, 33.5, 34.0]), row("cwd", [33.5, 34.0, 34.5])])
     assert small["method"] == "cwd" and small["gain"] == 2.0 and small["passes"]
     assert not accuracy.pilot_verdict([baseline, row("kd", [33.0, 33.5, 34.0]), row("cwd", [33.0, 33.2, 33.4])])["passes"]
+
+
+def test_the_idd_lite_pilot_rule_adds_room_a_steady_baseline_and_both_val_halves():
+    from bench import accuracy
+
+    def row(name, seeds, halves):
+        results = {s: {"mIoU": m, "mAcc": m, "per_class": {}, "keep_ratio_last": None, "halves_mIoU": h}
+                   for s, (m, h) in enumerate(zip(seeds, halves))}
+        return accuracy.summarise(name, results)
+
+    rule = accuracy.IDD_LITE_RULE
+    baseline = row("baseline", [31.5, 32.0, 32.5], [[31, 33]] * 3)  # std 0.5
+    cwd = row("cwd", [34.0, 35.0, 36.0], [[34, 36], [35, 35], [36, 34]])  # +3.0; halves +4.0, +2.0
+    kd = row("kd", [30.0, 30.0, 30.0], [[30, 30]] * 3)
+    teacher = row("teacher", [38.5], [[38, 39]])
+    verdict = accuracy.pilot_verdict([teacher, baseline, kd, cwd], **rule)
+    assert verdict["method"] == "cwd" and verdict["passes"]
+    assert verdict["teacher_room"] == 3.5 and verdict["half_gains"] == [4.0, 2.0] and verdict["baseline_std"] == 0.5
+    # the teacher only 2.5 above the method: no room
+    assert not accuracy.pilot_verdict([row("teacher", [37.5], [[37, 38]]), baseline, kd, cwd], **rule)["passes"]
+    # a baseline whose seeds spread by more than 1.0
+    noisy = row("baseline", [30.0, 32.0, 34.0], [[31, 33]] * 3)
+    assert not accuracy.pilot_verdict([teacher, noisy, kd, cwd], **rule)["passes"]
+    # a gain that lives in one half of val: +5.5 and +0.5
+    lopsided = row("cwd", [34.0, 35.0, 36.0], [[36.5, 33.5]] * 3)
+    verdict = accuracy.pilot_verdict([teacher, baseline, kd, lopsided], **rule)
+    assert verdict["half_gains"] == [5.5, 0.5] and not verdict["passes"]
+    # the CamVid pilot's rule alone ignores all three
+    assert accuracy.pilot_verdict([row("teacher", [33.0], [[33, 33]]), noisy, kd, lopsided])["passes"]
+
+
+def test_accuracy_scores_every_run_on_the_settings_val_halves_too(tmp_path, monkeypatch):
+    from bench import accuracy
+
+    halves = (tmp_path / "a.txt", tmp_path / "b.txt")
+    halves[0].write_text("0\n1\n")
+    halves[1].write_text("2\n3\n")
+    monkeypatch.setitem(accuracy.SETTINGS, "synthetic", {**accuracy.SETTINGS["synthetic"], "halves": halves})
+    tiny = ["--iters", "2", "--batch-size", "2", "--synthetic-length", "4", "--synthetic-size", "32", "--width", "0.125"]
+    argv = ["--rows", "baseline", "--seeds", "0", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path), "--", *tiny]
+    rows = accuracy.main(argv)
+    run = tmp_path / "runs" / "synthetic" / "baseline_s0"
+    result = json.loads((run / "result.json").read_text())
+    assert len(result["halves_mIoU"]) == 2 and rows[1]["halves_mIoU_mean"] == result["halves_mIoU"]
+    assert json.loads((run / "eval_half1.json").read_text())["frames"] == str(halves[1])
+    # a run finished before its setting had halves is scored on them, not trained again
+    del result["halves_mIoU"]
+    (run / "result.json").write_text(json.dumps(result))
+    (run / "log.jsonl").unlink()
+    assert accuracy.main(argv)[1]["halves_mIoU_mean"] == rows[1]["halves_mIoU_mean"]

@@ -317,30 +317,30 @@ def test_labelled_list_in_each_datasets_own_format(tmp_path):
     camvid = data.build_dataset("camvid", tmp_path / "camvid", "train", train=False)
     listing = tmp_path / "camvid_list.txt"
     listing.write_text("train/0002.jpg trainannot/0002.png\n\n")  # train.txt's format; blank lines skipped
-    assert data.labelled_indices(camvid, listing) == [1]
+    assert data.listed_indices(camvid, listing) == [1]
     make_voc(tmp_path / "voc", np.random.default_rng(21))
     voc = data.build_dataset("voc", tmp_path / "voc", "train", train=False)
     listing.write_text("b\na\nb\n")  # VOC ids; a repeat counts once
-    assert data.labelled_indices(voc, listing) == [0, 1]
+    assert data.listed_indices(voc, listing) == [0, 1]
     synthetic = data.build_dataset("synthetic", None, "train", train=False, length=8, image_size=32)
     listing.write_text("7\n0\n")
-    assert data.labelled_indices(synthetic, listing) == [0, 7]
+    assert data.listed_indices(synthetic, listing) == [0, 7]
 
 
 def test_labelled_list_errors_name_the_file_and_line(tmp_path):
     synthetic = data.build_dataset("synthetic", None, "train", train=False, length=8, image_size=32)
     missing = tmp_path / "nope.txt"
     with pytest.raises(ValueError, match=f"--labelled-list: {re.escape(str(missing))} not found"):
-        data.labelled_indices(synthetic, missing)
+        data.listed_indices(synthetic, missing)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
     with pytest.raises(ValueError, match=f"--labelled-list: {re.escape(str(empty))} lists no frame"):
-        data.labelled_indices(synthetic, empty)
+        data.listed_indices(synthetic, empty)
     stranger = tmp_path / "stranger.txt"
     stranger.write_text("1\n8\n")
     with pytest.raises(ValueError, match=rf"{re.escape(str(stranger))} line 2 names '8', which is not a frame of the "
                                          r"training split \(8 frames\)"):
-        data.labelled_indices(synthetic, stranger)
+        data.listed_indices(synthetic, stranger)
 
 
 def test_partly_labelled_keeps_the_image_and_ignores_the_labels_of_unlisted_frames():
@@ -406,10 +406,10 @@ def test_idd_lite_labelled_list_names_sequence_and_frame(tmp_path):
     train = data.build_dataset("idd_lite", tmp_path, "train", train=False)
     listing = tmp_path / "list.txt"
     listing.write_text("7/000100\nleftImg8bit/train/0/000200_image.jpg\n")  # a name, or an image path
-    assert data.labelled_indices(train, listing) == [1, 2]
+    assert data.listed_indices(train, listing) == [1, 2]
     listing.write_text("000100\n")  # without its sequence the frame number is ambiguous
     with pytest.raises(ValueError, match="line 1 names '000100', which is not a frame"):
-        data.labelled_indices(train, listing)
+        data.listed_indices(train, listing)
 
 
 def test_labelled_list_that_is_not_utf8_is_named(tmp_path):
@@ -417,7 +417,7 @@ def test_labelled_list_that_is_not_utf8_is_named(tmp_path):
     listing = tmp_path / "latin1.txt"
     listing.write_bytes("1\ncaf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match=f"--labelled-list: {re.escape(str(listing))} is not UTF-8 text"):
-        data.labelled_indices(synthetic, listing)
+        data.listed_indices(synthetic, listing)
 
 
 def test_every_record_is_complete():
@@ -430,14 +430,14 @@ def test_every_record_is_complete():
 # ----------------------------------------------------------------------------- cross-domain
 
 def test_camvid_and_idd_lite_share_idd_lites_seven_classes():
-    groups, lut, names = data.shared_classes("camvid", "idd_lite")  # a CamVid model on IDD-Lite frames
-    assert lut is None and names == data.IDD_LITE_CLASSES
+    groups, lut, coarse = data.shared_classes("camvid", "idd_lite")  # a CamVid model on IDD-Lite frames
+    assert lut is None and coarse == "idd_lite"
     camvid = data.CAMVID_CLASSES
     assert [[camvid[i] for i in group] for group in groups] == [
         ["road"], ["pavement"], ["pedestrian", "bicyclist"], ["car"], ["pole", "signsymbol", "fence"],
         ["building", "tree"], ["sky"]]
-    groups, lut, names = data.shared_classes("idd_lite", "camvid")  # an IDD-Lite model on CamVid frames
-    assert groups is None and names == data.IDD_LITE_CLASSES
+    groups, lut, coarse = data.shared_classes("idd_lite", "camvid")  # an IDD-Lite model on CamVid frames
+    assert groups is None and coarse == "idd_lite"
     assert lut[:11].tolist() == [6, 5, 4, 0, 1, 5, 4, 4, 3, 2, 2] and lut[255] == 255
 
 
@@ -449,8 +449,9 @@ def test_a_pair_without_a_correspondence_is_refused_by_name():
 def test_shared_labels_maps_the_label_ids(tmp_path):
     labels = make_camvid(tmp_path, np.random.default_rng(33))[1]
     val = data.build_dataset("camvid", tmp_path, "val", train=False)
-    _, lut, names = data.shared_classes("idd_lite", "camvid")
-    shared = data.SharedLabels(val, lut, names)
-    assert shared.num_classes == 7 and shared.class_names == names
+    _, lut, coarse = data.shared_classes("idd_lite", "camvid")
+    shared = data.SharedLabels(val, lut, coarse)
+    assert shared.num_classes == 7 and shared.class_names == data.IDD_LITE_CLASSES
+    assert shared.palette == data.IDD_LITE_PALETTE
     want = np.where(labels["0003"] == 11, 255, lut[np.minimum(labels["0003"], 10)])
     assert np.array_equal(shared[0][1].numpy(), want)

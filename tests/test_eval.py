@@ -9,11 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import eval as evaluate_script
 import train
 from data import MEAN, STD, build_dataset
 from fckd import condensation_matrix, pixel_entropy
-from utils import load_checkpoint, model_from_checkpoint, predict, run_cli, save_checkpoint, upsample
+from utils import (load_checkpoint, model_from_checkpoint, predict, run_cli, save_checkpoint, segmentation_metrics,
+                   upsample)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = build_dataset("synthetic", None, "val", False, length=1, image_size=32).class_names
@@ -356,3 +358,97 @@ def test_the_pictured_condensation_is_the_students_own_kind(trained, tmp_path, c
     assert 0.4 < want.mean() < 0.7  # half of the logit pixels, upsampled
     assert np.array_equal(np.asarray(Image.open(pictures / "00000_condensation.png")),
                           want[0, 0].numpy().astype(np.uint8) * 255)
+
+
+# -----------------------------------------------------------------------------
+# scoring on another dataset, over the classes the two share
+
+
+def write_frames(root, layout, rng, classes, size=(24, 32)):
+    """Two random frames (train, val) in the layout of CamVid or IDD-Lite, with labels 0..classes-1."""
+    for split in ("train", "val"):
+        image = rng.integers(0, 255, (*size, 3)).astype(np.uint8)
+        label = rng.integers(0, classes, size).astype(np.uint8)
+        if layout == "camvid":
+            paths = (root / split / "f.png", root / f"{split}annot" / "f.png")
+        else:
+            paths = (root / "leftImg8bit" / split / "0" / "000001_image.jpg",
+                     root / "gtFine" / split / "0" / "000001_label.png")
+        for path, array in zip(paths, (image, label)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(path)
+
+
+@pytest.fixture(scope="module")
+def two_domains(tmp_path_factory):
+    """A CamVid model (trained at image scale 0.5) and an IDD-Lite model, 1 iteration each, on tiny fixtures."""
+    root = tmp_path_factory.mktemp("domains")
+    rng = np.random.default_rng(40)
+    write_frames(root / "camvid", "camvid", rng, 12)  # 11 is CamVid's void
+    write_frames(root / "idd", "idd", rng, 7)
+    for name, data_root, scale in (("camvid", root / "camvid", "0.5"), ("idd_lite", root / "idd", "1")):
+        train.main(["--dataset", name, "--data-root", str(data_root), "--image-scale", scale, "--width", "0.0625",
+                    "--batch-size", "1", "--crop-size", "32", "--iters", "1", "--workers", "0",
+                    "--out", str(root / f"{name}_run")])
+    return root
+
+
+def test_a_camvid_model_is_scored_on_idd_lite_over_idd_lites_classes(two_domains, tmp_path, capsys):
+    root = two_domains
+    out = run_eval(capsys, "--ckpt", root / "camvid_run" / "last.pt", "--dataset", "idd_lite", "--data-root",
+                   root / "idd", "--json", tmp_path / "m.json")
+    # CamVid frames are 480 wide, trained at scale 0.5: 240 pixels; IDD-Lite's are 320
+    assert "idd_lite frames resized by 0.75 to 240 pixels wide" in out
+    assert "the classes it shares with camvid" in out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert list(metrics["per_class"]) == list(data.IDD_LITE_CLASSES) and metrics["trained_on"] == "camvid"
+
+    model, _ = model_from_checkpoint(root / "camvid_run" / "last.pt")
+    groups, _, _ = data.shared_classes("camvid", "idd_lite")
+    image, label = build_dataset("idd_lite", root / "idd", "val", False, image_scale=0.75)[0]
+    shared = evaluate_script.SharedClassLogits(model.eval(), groups)
+    with torch.no_grad():
+        camvid_probabilities = model(image[None])["out"].softmax(1)
+        shared_probabilities = shared(image[None])["out"].softmax(1)
+        prediction = predict(shared, image[None], size=label.shape).argmax(1)[0]
+    # each shared class's probability is the sum of its CamVid classes' (road; pedestrian + bicyclist; ...)
+    summed = torch.stack([camvid_probabilities[:, group].sum(1) for group in groups], 1)
+    torch.testing.assert_close(shared_probabilities, summed)
+    confusion = torch.zeros(7, 7, dtype=torch.int64)
+    for true, guess in zip(label.flatten().tolist(), prediction.flatten().tolist()):
+        confusion[true, guess] += 1
+    assert metrics["mIoU"] == pytest.approx(segmentation_metrics(confusion, data.IDD_LITE_CLASSES)["mIoU"])
+
+
+def test_an_idd_lite_model_is_scored_on_camvid_with_the_camvid_labels_mapped(two_domains, tmp_path, capsys):
+    root = two_domains
+    out = run_eval(capsys, "--ckpt", root / "idd_lite_run" / "last.pt", "--dataset", "camvid", "--data-root",
+                   root / "camvid", "--image-scale", "1", "--json", tmp_path / "m.json")
+    assert "resized" not in out  # --image-scale given: the user's factor
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert list(metrics["per_class"]) == list(data.IDD_LITE_CLASSES)
+    _, lut, _ = data.shared_classes("idd_lite", "camvid")
+    _, camvid_label = build_dataset("camvid", root / "camvid", "val", False)[0]
+    labelled = {int(lut[c]) for c in camvid_label.unique().tolist() if c != 255}
+    # a class whose IoU is defined is one in the mapped labels or in the predictions
+    assert {k for k, name in enumerate(data.IDD_LITE_CLASSES) if metrics["per_class"][name]["Acc"] is not None} \
+        == labelled
+
+
+def test_a_pair_without_a_correspondence_is_refused_by_name(trained, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(lambda: evaluate_script.main(["--ckpt", str(trained / "last.pt"), "--dataset", "camvid",
+                                              "--data-root", str(tmp_path)]))
+    assert "no class correspondence between synthetic and camvid" in capsys.readouterr().err
+
+
+def test_frames_scores_the_listed_frames_only(trained, tmp_path, capsys):
+    listing = tmp_path / "frames.txt"
+    listing.write_text("2\n5\n")
+    out = run_eval(capsys, "--ckpt", trained / "last.pt", "--frames", listing, "--json", tmp_path / "m.json")
+    assert "(2 images" in out
+    assert json.loads((tmp_path / "m.json").read_text())["frames"] == str(listing)
+    listing.write_text("9\n")
+    with pytest.raises(SystemExit):
+        run_cli(lambda: evaluate_script.main(["--ckpt", str(trained / "last.pt"), "--frames", str(listing)]))
+    assert "--frames: " in capsys.readouterr().err

@@ -327,22 +327,34 @@ def test_resume_of_a_checkpoint_without_a_newer_setting_takes_its_default(stoppe
 # --labelled-list
 
 
-def test_labelled_list_distils_on_every_frame_and_labels_only_the_listed_ones(tmp_path, teacher_ckpt):
+def test_labelled_list_adds_unlabelled_frames_for_distillation_and_keeps_the_label_visits(tmp_path, teacher_ckpt):
     listing = tmp_path / "labelled.txt"
-    listing.write_text("3\n")  # 1 frame of 16: most batches of 4 have no label at all
+    listing.write_text("0\n3\n5\n9\n")  # 4 frames of 16: one labelled batch of 4 per epoch
     common = TINY + ["--labelled-list", str(listing)]
-    distilled = train.parse_args(common + ["--out", str(tmp_path / "d"), "--teacher-ckpt", teacher_ckpt])
-    train_set, _, _, loader, batches_per_epoch = train.training_data(distilled, 0, 1, False)
-    assert len(train_set) == 16 and batches_per_epoch == 4  # every frame is sampled
-    labels = [loader.dataset[(0, i)][1] for i in range(16)]
-    assert [bool((label != 255).any()) for label in labels] == [i == 3 for i in range(16)]
-    baseline = train.parse_args(common + ["--out", str(tmp_path / "b"), "--batch-size", "1"])
-    _, _, _, loader, batches_per_epoch = train.training_data(baseline, 0, 1, False)
-    assert batches_per_epoch == 1 and (loader.dataset[(0, 0)][1] != 255).any()  # only frame 3 is sampled
+    distilled = train.parse_args(common + ["--out", str(tmp_path / "d"), "--teacher-ckpt", teacher_ckpt,
+                                           "--unlabelled-batch-size", "2"])
+    train_set, _, streams = train.training_data(distilled, 0, 1, False)
+    (labelled, _, labelled_per_epoch), (unlabelled, _, unlabelled_per_epoch) = streams
+    assert len(train_set) == 16 and (labelled_per_epoch, unlabelled_per_epoch) == (1, 6)  # 12 unlisted frames
+    assert all((labelled.dataset[(0, i)][1] != 255).any() for i in range(4))
+    assert all((unlabelled.dataset[(0, i)][1] == 255).all() for i in range(12))
+    images, labels = next(train.training_batches(streams, 0))
+    assert images.shape[0] == 6 and (labels[:4] != 255).any() and (labels[4:] == 255).all()
+    baseline = train.parse_args(common + ["--out", str(tmp_path / "b")])
+    _, _, streams = train.training_data(baseline, 0, 1, False)
+    assert len(streams) == 1 and streams[0][2] == 1  # only the listed frames, at the same batch size
+    assert train.parse_args(common + ["--out", str(tmp_path / "d"), "--teacher-ckpt", teacher_ckpt]
+                            ).unlabelled_batch_size == 4  # default: as many as the labelled ones
 
     ckpt = run(tmp_path / "run", "--iters", 4, "--teacher-ckpt", teacher_ckpt, "--labelled-list", listing)
     assert ckpt["args"]["labelled_list"] == str(listing) and ckpt["iteration"] == 4
-    assert ckpt["unlabelled_batches"] == 3  # frame 3 is in one batch of the epoch; the other three add 0 CE
+    assert ckpt["unlabelled_batches"] == 0  # every batch holds its 4 labelled frames
+
+
+def test_unlabelled_batch_size_without_a_labelled_list_and_a_teacher_is_refused(tmp_path, capsys, teacher_ckpt):
+    err = cli_error(capsys, TINY + ["--out", str(tmp_path / "b"), "--unlabelled-batch-size", "4",
+                                    "--teacher-ckpt", teacher_ckpt])
+    assert "--unlabelled-batch-size applies to a distilled run with --labelled-list" in err
 
 
 def test_a_labelled_list_with_fewer_frames_than_a_batch_is_refused(tmp_path, capsys):
