@@ -18,6 +18,7 @@ images (nearest), validation labels are kept at full resolution, so that a model
 evaluated at any scale is scored against the same labels (its logits upsampled to them).
 """
 
+import hashlib
 import math
 import os
 from typing import Callable, NamedTuple
@@ -477,6 +478,23 @@ DATASETS = {
         dict(REAL_SET_DEFAULTS, data_root="data/idd20k_lite", crop_size=[224, 320])),
 }
 DATASET_NAMES = tuple(DATASETS)
+
+
+def split_fingerprint(name, root):
+    """SHA-256 of the train and val files of dataset `name` under `root`: every image's and label's
+    path relative to root and size in bytes, in order. None for the synthetic set, which is drawn
+    from its flags. A resumed run compares this instead of the --data-root path: frames added,
+    removed or replaced are refused, the same files under another root are not."""
+    record = dataset_record(name)
+    if record.pairs is None:
+        return None
+    digest = hashlib.sha256()
+    root = os.fspath(root)
+    for split in ("train", "val"):
+        for pair in record.pairs(root, split):
+            for path in pair:
+                digest.update(f"{os.path.relpath(path, root)} {os.path.getsize(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def dataset_record(name):

@@ -41,9 +41,10 @@ from torchvision.utils import save_image
 from data import (DATASET_NAMES, DATASETS, IGNORE_INDEX, MEAN, STD, SYNTHETIC_SIZE, Frames, SharedLabels,
                   listed_indices, shared_classes)
 from fckd import DEFAULT_KEEP, DEFAULT_THRESHOLD, condensation_matrix, pixel_entropy
-from utils import (atomic_write, autocast, check_num_classes, dataset_from_checkpoint, evaluate, format_metrics,
-                   is_main, memory_format, model_from_checkpoint, resolve_amp, run_cli, segmentation_metrics,
-                   setup_distributed, teardown_distributed, upsample, writable_file, writable_folder)
+from run import atomic_write, model_from_checkpoint, run_cli
+from utils import (autocast, check_num_classes, dataset_from_checkpoint, evaluate, format_metrics, is_main,
+                   memory_format, resolve_amp, segmentation_metrics, setup_distributed, teardown_distributed, upsample,
+                   writable_file, writable_folder)
 
 IGNORE_COLOUR = (255, 255, 255)  # white: several palettes use black for a real class
 SCALES = (0.25, 4.0)  # beyond these an image is a few logits wide, or 16 times the pixels of the original

@@ -1,12 +1,9 @@
 """
 What train.py and eval.py share: the torchrun process group, the segmentation metrics (one
 confusion matrix, summed over all ranks), whole-image prediction (multi-scale, flip, sliding
-window), checkpoint files (atomic save, load checked against the SHA-256 stored in them) and
-building a model, and its evaluation data, from a checkpoint.
+window) and a checkpoint's evaluation data. Checkpoint files themselves are run.py's.
 """
 
-import glob
-import hashlib
 import math
 import os
 import signal
@@ -20,7 +17,6 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data import DATASETS, IGNORE_INDEX, build_dataset, synthetic_options
-from models import build_model, listing, load_torch_file, load_weights, require_file
 
 # -----------------------------------------------------------------------------
 # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them we are one process
@@ -295,149 +291,7 @@ def evaluate(model, dataset, device, amp="off", scales=(1.0,), flip=False, windo
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
-
-# Every key of a checkpoint, as train.checkpoint_state writes them: the run's net, data and
-# settings, its optimiser and RNG states, and its progress (FRESH_PROGRESS's keys).
-CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "iteration", "args", "rng", "best_miou", "num_classes",
-                   "dataset", "model_name", "model_options", "best_iteration", "unlabelled_batches", "val_pending")
-# a run's progress when it starts: iteration 0, no validation yet, nothing pending
-FRESH_PROGRESS = {"iteration": 0, "best_miou": None, "best_iteration": None, "unlabelled_batches": 0,
-                  "val_pending": False}
-# progress that train.py began to record later: a checkpoint without it had none of it (load_checkpoint)
-ADDED_KEYS = ("best_iteration", "unlabelled_batches", "val_pending")
-TEMPORARY = ".{name}.tmp{pid}"  # atomic_write's temporary file next to OUT/name
-
-
-def atomic_write(path, write):
-    """write(f) into a binary file that appears at `path` whole or not at all.
-
-    The bytes go to a temporary file in the same folder, are flushed to disk, and the file is then
-    renamed over `path` (os.replace is atomic on POSIX and Windows). If anything fails the old
-    file is untouched and the temporary one is removed; one left by a kill -9 is removed by
-    remove_temporaries.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, TEMPORARY.format(name=os.path.basename(path), pid=os.getpid()))
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-        fd = os.open(folder, os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def remove_temporaries(folder):
-    """Remove the temporary files that atomic_write left in `folder` when its process was killed
-    (call it only while no other process writes there: train.py holds OUT's lock)."""
-    for path in glob.glob(os.path.join(glob.escape(folder), TEMPORARY.format(name="*", pid="*"))):
-        os.remove(path)
-
-
-def payload_sha256(value, digest=None):
-    """SHA-256 (hex) of a checkpoint's contents: every tensor's dtype, shape and bytes, and every
-    other value's type and repr, in order. Computed from the objects, not the file, so the same
-    checkpoint loaded back gives the same digest."""
-    top = digest is None
-    digest = hashlib.sha256() if top else digest
-    if isinstance(value, torch.Tensor):
-        data = value.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"tensor {data.dtype} {tuple(value.shape)};".encode())
-        digest.update(data.view(torch.uint8).numpy().data)
-    elif isinstance(value, dict):
-        digest.update(f"dict {len(value)};".encode())
-        for key, item in value.items():
-            payload_sha256(key, digest)
-            payload_sha256(item, digest)
-    elif isinstance(value, (list, tuple)):
-        digest.update(f"sequence {len(value)};".encode())
-        for item in value:
-            payload_sha256(item, digest)
-    else:
-        digest.update(f"{type(value).__name__} {value!r};".encode())
-    return digest.hexdigest() if top else None
-
-
-def file_sha256(path, what="checkpoint"):
-    """SHA-256 of the file's bytes, hex; FileNotFoundError "{what} not found: {path}" if it is missing."""
-    require_file(path, what)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def save_checkpoint(checkpoint, path):
-    """torch.save of `checkpoint` plus its payload_sha256 under "sha256", written atomically."""
-    payload = {**checkpoint, "sha256": payload_sha256(checkpoint)}
-    atomic_write(path, lambda f: torch.save(payload, f))
-
-
-def load_checkpoint(path):
-    """Read a checkpoint written by train.py onto the CPU; returns it without its "sha256".
-
-    FileNotFoundError naming the path if it does not exist; ValueError naming the file if it is
-    not a torch file, lacks any of CHECKPOINT_KEYS but ADDED_KEYS (filled in from FRESH_PROGRESS), or
-    its contents do not match the SHA-256 stored in it (damaged bytes: torch.load itself checks
-    none). Checkpoints written before the SHA-256 was stored load unchecked.
-    """
-    path = os.fspath(path)
-    checkpoint = load_torch_file(path, "checkpoint")
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} is not a train.py checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
-    stored = checkpoint.pop("sha256", None)
-    if stored is not None and payload_sha256(checkpoint) != stored:
-        raise ValueError(f"{path} is damaged: its contents do not match the SHA-256 stored in it; "
-                         "use another checkpoint (e.g. best.pt or a copy)")
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint and key not in ADDED_KEYS]
-    if missing:
-        raise ValueError(f"{path} is not a train.py checkpoint: it lacks {', '.join(missing)}")
-    for key in ADDED_KEYS:  # a checkpoint of an earlier train.py
-        checkpoint.setdefault(key, FRESH_PROGRESS[key])
-    return checkpoint
-
-
-def non_finite_tensors(state):
-    """Names of the floating-point tensors of a state dict that hold NaN or inf. One fused check
-    (the max-abs of every tensor at once, one host sync); the tensors are named only when it fails."""
-    floats = [t for t in state.values() if t.is_floating_point() and t.numel()]
-    if not floats or torch.stack(torch._foreach_norm(floats, ord=math.inf)).isfinite().all():
-        return []
-    return [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-
-
-def load_state(model, state, path, what="the model"):
-    """model.load_state_dict(state), with a one-line ValueError naming the file and the tensors
-    that hold NaN or inf (a diverged run's weights must not be resumed, distilled from or scored),
-    or, when the weights do not fit, the missing, unexpected and mis-shaped keys (models.load_weights)."""
-    bad = non_finite_tensors(state)
-    if bad:
-        raise ValueError(f"{path} holds NaN or inf in {len(bad)} tensors ({listing(bad, 3)}); "
-                         "use an earlier checkpoint")
-    load_weights(model, state, f"the weights in {path} do not fit {what}")
-
-
-def model_from_checkpoint(path):
-    """(model, checkpoint): the net a checkpoint describes (model_name, num_classes,
-    model_options), with its weights, on the CPU."""
-    checkpoint = load_checkpoint(path)
-    name = checkpoint["model_name"]
-    model = build_model(name, checkpoint["num_classes"], **checkpoint["model_options"])
-    load_state(model, checkpoint["model"], path,
-               f"{name} with {checkpoint['num_classes']} classes and options {checkpoint['model_options']}")
-    return model, checkpoint
+# a checkpoint's data (run.py reads and writes the files)
 
 
 def check_num_classes(checkpoint, what, dataset_name, num_classes):
@@ -461,40 +315,3 @@ def dataset_from_checkpoint(checkpoint, split, name=None, data_root=None, image_
     image_scale = image_scale or trained.get("image_scale") or 1.0
     return build_dataset(name, data_root or trained.get("data_root"), split, train=False, image_scale=image_scale,
                          **options)
-
-
-# -----------------------------------------------------------------------------
-
-
-class Interrupted(Exception):
-    """Training stopped cleanly on a signal (last.pt saved); run_cli exits with 128 + the signal's
-    number, the shell's code for a process ended by that signal (130 SIGINT, 143 SIGTERM)."""
-
-    def __init__(self, message, signum):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-def one_line(error):
-    """The message of `error`. An exception raised in a DataLoader worker comes back as the
-    worker's whole traceback ("Caught ValueError in DataLoader worker process 0. Original
-    Traceback ..."); its last line holds the original message."""
-    message = str(error)
-    if message.startswith("Caught ") and "\nOriginal Traceback" in message:
-        last = message.rstrip().splitlines()[-1]
-        message = last.split(": ", 1)[1] if last.startswith(type(error).__name__ + ":") else last
-    return message
-
-
-def run_cli(main):
-    """Run main(); a ValueError, FileNotFoundError or FloatingPointError (bad input, missing file,
-    non-finite loss) becomes one line "error: ..." on stderr and exit status 2, also when a
-    DataLoader worker raised it; Interrupted becomes its one-line message and 128 + the signal."""
-    try:
-        main()
-    except Interrupted as e:
-        print(e, file=sys.stderr)
-        sys.exit(e.exit_code)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)

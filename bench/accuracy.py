@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from bench.common import describe_run, save_results  # noqa: E402
+from run import check_resumed_settings, input_fingerprints  # noqa: E402
 
 # The synthetic setting is the quick start's (train.py's synthetic defaults). The CamVid one trains
 # from scratch: no ImageNet weights exist on our machines.
@@ -103,16 +104,13 @@ SETTINGS["camvid-cpu-fewlabels"] = {
     **SETTINGS["camvid-cpu"], "teacher_setting": "camvid-cpu",
     "student": [*SETTINGS["camvid-cpu"]["student"], "--labelled-list", "bench/camvid_train_1in8.txt"]}
 METHODS = {"baseline": [], "kd": ["--kd", "kd"], "cwd": ["--kd", "cwd"], "fckd": ["--kd", "fckd"]}
-ABLATION = {  # FCKD with one part changed; "fckd" is FCKDLoss's defaults (hard condensation at 0.7)
+ABLATION = {  # FCKD with one part changed; "fckd" is FCKDLoss's defaults (hard 0.7, mask, no enhancement)
     "baseline": [],
     "fckd": ["--kd", "fckd"],
     "fckd hard 0.3": ["--kd", "fckd", "--fckd-threshold", "0.3"],
     "fckd hard 0.5": ["--kd", "fckd", "--fckd-threshold", "0.5"],
     "fckd soft": ["--kd", "fckd", "--fckd-condense", "soft"],
-    "fckd no condensation": ["--kd", "fckd", "--fckd-condense", "none"],
-    "fckd, no condensation, no enhancement (= KD + CWD)": ["--kd", "fckd", "--fckd-condense", "none",
-                                                           "--no-fckd-enhance"],
-    "fckd no enhancement": ["--kd", "fckd", "--no-fckd-enhance"],
+    "fckd no condensation (= KD + CWD)": ["--kd", "fckd", "--fckd-condense", "none"],
     "fckd gamma 0.25": ["--kd", "fckd", "--fckd-gamma", "0.25"],
     "fckd spatial only": ["--kd", "fckd", "--lambda-channel", "0"],
     "fckd channel only": ["--kd", "fckd", "--lambda-spatial", "0"],
@@ -135,7 +133,7 @@ READINGS = {
         dict(apply="mask", similarity="cosine", temperature=0.1, threshold=0.5, gamma=0.5),
     "C1 revision 1: multiply, dot, threshold 0.7, gamma 1":
         dict(apply="multiply", similarity="dot", threshold=0.7, gamma=1.0),
-    "ablation: mask, threshold 0.7, no enhancement": dict(apply="mask", similarity="dot", threshold=0.7, enhance=False),
+    "ablation: mask, threshold 0.7, no enhancement": dict(apply="mask", threshold=0.7, gamma=0.0),
     "ablation: multiply, cosine T 0.1, threshold 0.7, gamma 1":
         dict(apply="multiply", similarity="cosine", temperature=0.1, threshold=0.7, gamma=1.0),
     "ablation: mask, dot, threshold 0.7, gamma 1": dict(apply="mask", similarity="dot", threshold=0.7, gamma=1.0),
@@ -143,15 +141,18 @@ READINGS = {
 
 
 def fckd_flags(reading):
-    """train.py flags for one reading, every setting explicit so that a row does not move with the defaults."""
-    flags = ["--kd", "fckd", "--fckd-apply", reading["apply"], "--fckd-similarity", reading["similarity"],
-             "--fckd-threshold", str(reading["threshold"])]
-    if "condense" in reading:
-        flags += ["--fckd-condense", reading["condense"], "--fckd-keep", str(reading["keep"])]
-    if not reading.get("enhance", True):
-        return flags + ["--no-fckd-enhance"]
-    flags += ["--fckd-gamma", str(reading["gamma"])]
-    return flags + (["--fckd-temperature", str(reading["temperature"])] if "temperature" in reading else [])
+    """train.py flags for one reading, every setting it uses explicit so that a row does not move with
+    the defaults (and none it does not use: train.py refuses those)."""
+    flags = ["--kd", "fckd", "--fckd-apply", reading["apply"], "--fckd-gamma", str(reading["gamma"])]
+    condense = reading.get("condense", "hard")
+    if condense != "hard":
+        flags += ["--fckd-condense", condense]
+    flags += ["--fckd-keep", str(reading["keep"])] if condense == "quantile" else ["--fckd-threshold",
+                                                                                     str(reading["threshold"])]
+    if reading["gamma"] > 0:
+        flags += ["--fckd-similarity", reading["similarity"]]
+        flags += ["--fckd-temperature", str(reading["temperature"])] if "temperature" in reading else []
+    return flags
 
 
 SCREEN = {  # the candidates, then the references that the rule and the target need, then the ablation
@@ -159,7 +160,7 @@ SCREEN = {  # the candidates, then the references that the rule and the target n
     "baseline": [],
     "cwd": ["--kd", "cwd"],
     "control: KD + CWD (no condensation, no enhancement)": ["--kd", "fckd", "--fckd-condense", "none",
-                                                           "--no-fckd-enhance"],
+                                                           "--fckd-gamma", "0"],
     **{name: fckd_flags(reading) for name, reading in READINGS.items() if name.startswith("ablation")},
 }
 # Revision 2's CamVid table (camvid-cpu): the references, revision 1, the two best candidates of the
@@ -183,8 +184,7 @@ CONTROL = "control: KD + CWD (no condensation, no enhancement)"
 QUANTILE_READINGS = {
     "Q8 C3 with quantile condensation, keep 0.8": dict(READINGS[C3], condense="quantile", keep=0.8),
     "Q6 C3 with quantile condensation, keep 0.6": dict(READINGS[C3], condense="quantile", keep=0.6),
-    "Q8 without enhancement": dict(apply="mask", similarity="dot", threshold=0.7, condense="quantile", keep=0.8,
-                                   enhance=False),
+    "Q8 without enhancement": dict(apply="mask", condense="quantile", keep=0.8, gamma=0.0),
 }
 FINALISTS = {  # the rows the default is chosen from first, the KD + CWD control last
     **PILOT,
@@ -192,8 +192,19 @@ FINALISTS = {  # the rows the default is chosen from first, the KD + CWD control
     **{name: fckd_flags(reading) for name, reading in QUANTILE_READINGS.items()},
     CONTROL: SCREEN[CONTROL],
 }
+# Revision 4's finalists (docs/results.md, "IDD-Lite: the pilot"): on the setting IDD-Lite's pilot chooses, and
+# the channel-only row on camvid-cpu-patient (the others have CamVid rows in FINALISTS already)
+FINALISTS_REV4 = {
+    **PILOT,
+    "control: KD + CWD (no condensation, no enhancement)": SCREEN[CONTROL],
+    "FCKD default: hard 0.7, mask, no enhancement": fckd_flags(dict(apply="mask", threshold=0.7, gamma=0.0)),
+    C3: SCREEN[C3],
+    "channel-only FCKD: hard 0.7, mask, no enhancement, lambda_spatial 0 (CWD on the kept pixels)":
+        [*fckd_flags(dict(apply="mask", threshold=0.7, gamma=0.0)), "--lambda-spatial", "0"],
+    "Q8 without enhancement": FINALISTS["Q8 without enhancement"],
+}
 TABLES = {"methods": METHODS, "ablation": ABLATION, "screen": SCREEN, "finalists-rev2": FINALISTS_REV2,
-          "pilot": PILOT, "finalists": FINALISTS}
+          "pilot": PILOT, "finalists": FINALISTS, "finalists-rev4": FINALISTS_REV4}
 
 
 def run_dir(out, name, seed):
@@ -209,7 +220,7 @@ def run(name, seed, train_args, out, threads, halves=()):
                  "--resume", "auto"]
     command = " ".join(["python", *train_cmd[1:]])
     settings = train.parse_args(train_cmd[2:])
-    settings.teacher_sha256 = train.teacher_sha256(settings)
+    settings.__dict__.update(input_fingerprints(settings))
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
 
     def evaluate(frames, json_path, log):
@@ -232,7 +243,7 @@ def run(name, seed, train_args, out, threads, halves=()):
         # a finished run stands in for this one only if it was trained with the same settings, checked as
         # train.py checks a resume (a setting edited since would otherwise put old numbers in the new table)
         try:
-            train.check_resumed_settings(result["train_args"], settings, result_path)
+            check_resumed_settings(result["train_args"], settings, result_path, train.build_parser())
         except ValueError as e:
             raise RuntimeError(f"{e}\n(move {directory} away or pass another --runs)") from None
         if halves and len(result.get("halves_mIoU", ())) != len(halves):  # a run scored before the halves were
@@ -329,7 +340,7 @@ def main(argv=None):
     parser.add_argument("--table", choices=TABLES, default="methods",
                         help="methods: baseline, KD, CWD, FCKD; ablation: FCKD's parts; screen: revision 2's "
                              "candidates; finalists-rev2: revision 2's CamVid rows; pilot: baseline, KD, CWD; "
-                             "finalists: revision 3's rows (default: %(default)s)")
+                             "finalists: revision 3's rows; finalists-rev4: revision 4's (default: %(default)s)")
     parser.add_argument("--rows", nargs="+", metavar="NAME",
                         help="only these rows of the table (default: all); the teacher is always trained")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")

@@ -49,7 +49,8 @@ from bench.accuracy import READINGS  # noqa: E402
 from bench.common import describe_run, save_results  # noqa: E402
 from data import IGNORE_INDEX  # noqa: E402
 from fckd import DEFAULT_TEMPERATURE, condensation_matrix, soft_enhance  # noqa: E402
-from utils import dataset_from_checkpoint, model_from_checkpoint, upsample  # noqa: E402
+from run import model_from_checkpoint  # noqa: E402
+from utils import dataset_from_checkpoint, upsample  # noqa: E402
 
 PREMISE = [("quantile", keep) for keep in (1.0, 0.9, 0.8, 0.6, 0.4)] + \
           [("hard", threshold) for threshold in (0.7, 0.5, 0.3, 0.2)]

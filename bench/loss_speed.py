@@ -20,13 +20,13 @@ from bench.common import describe_run, save_results  # noqa: E402
 
 
 def losses():
-    """The losses timed: FCKD under each reading of revision 2 (enhanced and not), then KD and CWD."""
+    """The losses timed: FCKD under readings with and without enhancement, then KD and CWD."""
     readings = {
-        "fckd multiply, dot (revision 1)": dict(apply="multiply", similarity="dot"),
-        "fckd multiply, no enhance": dict(apply="multiply", enhance=False),
-        "fckd mask, dot": dict(apply="mask", similarity="dot"),
-        "fckd mask, cosine": dict(apply="mask", similarity="cosine"),
-        "fckd mask, no enhance": dict(apply="mask", enhance=False),
+        "fckd revision 1: multiply, dot, gamma 1": dict(apply="multiply", similarity="dot", gamma=1.0),
+        "fckd multiply, no enhancement (gamma 0)": dict(apply="multiply", gamma=0.0),
+        "fckd mask, dot, gamma 1": dict(apply="mask", similarity="dot", gamma=1.0),
+        "fckd mask, cosine, gamma 1": dict(apply="mask", similarity="cosine", gamma=1.0),
+        "fckd default: mask, no enhancement (gamma 0)": dict(apply="mask", gamma=0.0),
     }
     timed = {}
     for name, options in readings.items():
@@ -81,10 +81,10 @@ def main(argv=None):
 
     header = {**describe_run("loss_speed.py", argv, device), "shape": list(shape), "dtype": args.dtype}
     print(f"{header['device']}, torch {header['torch']}, logits {shape} {args.dtype}")
-    print(f"{'loss':<34}{'fwd+bwd ms':>12}{'peak extra MiB':>16}")
+    print(f"{'loss':<46}{'fwd+bwd ms':>12}{'peak extra MiB':>16}")
     for row in rows:
         peak = "n/a" if row["peak_extra_MiB"] is None else f"{row['peak_extra_MiB']:.1f}"
-        print(f"{row['loss']:<34}{row['ms']:>12.2f}{peak:>16}")
+        print(f"{row['loss']:<46}{row['ms']:>12.2f}{peak:>16}")
     save_results(args.out, f"loss_speed_{device.type}_{args.dtype}.json", header, rows)
     return rows
 

@@ -4,15 +4,14 @@
     python bench/speed.py --compile            # torch.compile the student, the teacher and the loss
     python bench/speed.py --device cpu --batch 2 --crop 64 64 --width 0.25 --iters 3
 
-For each mode (student alone; student + teacher forward with no distillation loss; KD; CWD;
-FCKD) and precision (fp32, bf16 autocast) it times whole training steps (forward, backward,
+For each mode (student alone; student + teacher forward with no distillation loss; each loss of
+losses.LOSSES: FCKD, KD, CWD) and precision (fp32, bf16 autocast) it times whole training steps (forward, backward,
 SGD update) after a warm-up, with CUDA synchronisation, and reports images/s, the FLOPs of one
 step counted by torch.utils.flop_counter.FlopCounterMode (per image, in TFLOP), the achieved
 TFLOP/s, and the peak memory allocated on CUDA. Prints a table and writes JSON to bench/results/.
 """
 
 import argparse
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -22,20 +21,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import describe_run, save_results  # noqa: E402
-from fckd import FCKDLoss  # noqa: E402
+from losses import DEFAULT_FLAGS, LOSSES, distillation  # noqa: E402
 from models import build_model  # noqa: E402
-from train import distillation, make_optimizer, train_losses  # noqa: E402
+from train import make_optimizer, train_losses  # noqa: E402
 from utils import autocast  # noqa: E402
 
-MODES = ("student", "student+teacher", "kd", "cwd", "fckd")
-# FCKDLoss's defaults, which are train.py's (tests/test_train.py checks that they agree)
-LOSS_DEFAULTS = {name: p.default for name, p in inspect.signature(FCKDLoss).parameters.items()}
+# the student alone, with the teacher's forward and no loss on it, and each distillation loss at train.py's defaults
+MODES = ("student", "student+teacher", *LOSSES)
 
 
 def make_step(mode, student, teacher, optimizer, device, amp, compile_loss):
     """One training step of train.py's objective for `mode`; returns the loss tensor (no sync)."""
-    if mode in ("kd", "cwd", "fckd"):
-        distill = distillation(mode, LOSS_DEFAULTS)
+    if mode in LOSSES:
+        distill = distillation(mode, DEFAULT_FLAGS)
         if compile_loss:
             distill = torch.compile(distill)
     else:

@@ -14,9 +14,7 @@ from data import build_dataset
 def test_loss_speed_runs_and_writes_json(tmp_path):
     rows = loss_speed.main(["--batch", "2", "--classes", "5", "--size", "6", "10", "--iters", "2",
                             "--warmup", "1", "--device", "cpu", "--out", str(tmp_path)])
-    assert [row["loss"] for row in rows] == ["fckd multiply, dot (revision 1)", "fckd multiply, no enhance",
-                                             "fckd mask, dot", "fckd mask, cosine", "fckd mask, no enhance",
-                                             "kd", "cwd"]
+    assert [row["loss"] for row in rows] == list(loss_speed.losses())
     assert all(row["ms"] > 0 for row in rows)
     saved = json.loads((tmp_path / "loss_speed_cpu_float32.json").read_text())
     assert saved["shape"] == [2, 5, 6, 10] and saved["rows"] == rows
@@ -87,27 +85,73 @@ def test_screen_rows_train_exactly_the_readings_they_name():
     import train
     from bench import accuracy
     from fckd import FCKDLoss
+    from losses import LOSSES, loss_settings, unused_flags
 
     defaults = {name: p.default for name, p in inspect.signature(FCKDLoss).parameters.items()
                 if name != "downsample"}  # train.py's logits are at the backbone's stride
+    keyword = LOSSES["fckd"].keywords
     for name, reading in accuracy.READINGS.items():
         args = train.parse_args([*accuracy.SCREEN[name], "--teacher-ckpt", "t.pt"])
-        settings = train.loss_settings(args)
-        assert settings == {**defaults, **reading, **{k: settings[k] for k in ("gamma", "temperature")
-                                                      if not reading.get("enhance", True)}}, name
+        settings = loss_settings("fckd", vars(args))
+        unused = {keyword[dest] for dest in unused_flags("fckd", vars(args))}
+        # every setting the reading uses is what it names; the others (gamma 0: no similarity) stay at the defaults
+        assert {k: v for k, v in settings.items() if k not in unused} == \
+            {k: v for k, v in {**defaults, **reading}.items() if k not in unused}, name
         # every choice the screen compares is explicit in the flags, so the rows do not move with the defaults
         flags = " ".join(accuracy.SCREEN[name])
-        assert all(f"--fckd-{key} " in flags for key in ("apply", "similarity", "threshold")), name
+        explicit = ("apply", "gamma", "threshold") + (("similarity",) if reading["gamma"] > 0 else ())
+        assert all(f"--fckd-{key} " in flags for key in explicit), name
+
+
+def resolved(flags):
+    """What a bench row trains: --kd and the loss flags it uses (train.py's resolved settings)."""
+    import train
+    from losses import FLAGS, unused_flags
+
+    args = vars(train.parse_args([*flags, *(["--teacher-ckpt", "t.pt"] if flags else [])]))
+    return {"kd": args["kd"], **{dest: args[dest] for dest in set(FLAGS) - unused_flags(args["kd"], args)}}
+
+
+def test_no_two_rows_of_a_table_train_the_same_and_each_name_says_what_it_runs():
+    from bench import accuracy
+
+    for table_name, table in accuracy.TABLES.items():
+        settings = {name: resolved(flags) for name, flags in table.items()}
+        for name, setting in settings.items():
+            twins = [other for other in settings if other != name and settings[other] == setting]
+            assert not twins, f"{table_name}: {name!r} trains what {twins} train"
+            lower = name.lower()
+            if "no enhancement" in lower or "= kd + cwd" in lower:
+                assert setting.get("fckd_gamma", 0.0) == 0.0, name
+            if "no condensation" in lower or "kd + cwd" in lower:
+                assert setting["fckd_condense"] == "none", name
+            if "revision 1" in lower:
+                assert (setting["fckd_apply"], setting["fckd_similarity"], setting["fckd_gamma"]) == \
+                    ("multiply", "dot", 1.0), name
+
+
+def test_loss_speed_rows_time_what_they_name():
+    from bench import loss_speed
+
+    rows = loss_speed.losses()
+    readings = {name: fn.__defaults__[0] for name, fn in rows.items() if name.startswith("fckd")}
+    described = {name: (loss.apply, loss.similarity, loss.gamma) for name, loss in readings.items()}
+    assert len(set(described.values())) == len(described)  # no two rows time the same loss
+    for name, (apply, similarity, gamma) in described.items():
+        assert ("no enhancement" in name) == (gamma == 0), name
+        if "revision 1" in name:
+            assert (apply, similarity, gamma) == ("multiply", "dot", 1.0)
 
 
 def test_every_setting_and_table_row_is_a_valid_train_command():
     import train
     from bench import accuracy
+    from losses import loss_settings
 
     for setting in accuracy.SETTINGS.values():
         for role in ("teacher", "student"):
             train.parse_args([*setting["common"], *setting[role]])
-    for table in ("finalists-rev2", "pilot", "finalists"):
+    for table in ("finalists-rev2", "pilot", "finalists", "finalists-rev4"):
         for name, flags in accuracy.TABLES[table].items():
             args = train.parse_args([*accuracy.SETTINGS["camvid-cpu"]["common"], *flags,
                                      *(["--teacher-ckpt", "t.pt"] if flags else [])])
@@ -116,14 +160,14 @@ def test_every_setting_and_table_row_is_a_valid_train_command():
     assert accuracy.FINALISTS["C3 mask, cosine T 0.1, threshold 0.7, gamma 0.5"] == accuracy.fckd_flags(c3)
     # revision 3's quantile rows are C3 with the quantile condensation, or its mask without enhancement
     def settings(flags):
-        return train.loss_settings(train.parse_args([*flags, "--teacher-ckpt", "t.pt"]))
+        return loss_settings("fckd", vars(train.parse_args([*flags, "--teacher-ckpt", "t.pt"])))
 
     for keep in (0.8, 0.6):
         name = f"Q{int(keep * 10)} C3 with quantile condensation, keep {keep}"
         assert settings(accuracy.FINALISTS[name]) == {**settings(accuracy.fckd_flags(c3)), "condense": "quantile",
                                                       "keep": keep}, name
     plain = settings(accuracy.FINALISTS["Q8 without enhancement"])
-    assert (plain["condense"], plain["keep"], plain["apply"], plain["enhance"]) == ("quantile", 0.8, "mask", False)
+    assert (plain["condense"], plain["keep"], plain["apply"], plain["gamma"]) == ("quantile", 0.8, "mask", 0.0)
     # S2 is S0 with the labelled list on the students only, and S0's very teacher run
     s0, s2 = accuracy.SETTINGS["camvid-cpu"], accuracy.SETTINGS["camvid-cpu-fewlabels"]
     assert s2["teacher"] == s0["teacher"] and s2["common"] == s0["common"] and s2["teacher_setting"] == "camvid-cpu"
@@ -193,7 +237,8 @@ def test_fckd_target_statistics_of_the_mask_and_cosine_reading():
 def test_fckd_targets_runs_and_keeps_everything_at_threshold_1(tmp_path):
     import train
     from bench import fckd_targets
-    from utils import evaluate, model_from_checkpoint, segmentation_metrics
+    from run import model_from_checkpoint
+    from utils import evaluate, segmentation_metrics
 
     train.main(["--synthetic-length", "3", "--synthetic-size", "32", "--width", "0.125", "--batch-size", "2",
                 "--iters", "2", "--out", str(tmp_path / "teacher")])

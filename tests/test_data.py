@@ -339,7 +339,7 @@ def test_labelled_list_errors_name_the_file_and_line(tmp_path):
     stranger = tmp_path / "stranger.txt"
     stranger.write_text("1\n8\n")
     with pytest.raises(ValueError, match=rf"{re.escape(str(stranger))} line 2 names '8', which is not a frame of the "
-                                         r"training split \(8 frames\)"):
+                                         r"train split \(8 frames\)"):
         data.listed_indices(synthetic, stranger)
 
 

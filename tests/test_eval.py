@@ -14,8 +14,8 @@ import eval as evaluate_script
 import train
 from data import MEAN, STD, build_dataset
 from fckd import condensation_matrix, pixel_entropy
-from utils import (load_checkpoint, model_from_checkpoint, predict, run_cli, save_checkpoint, segmentation_metrics,
-                   upsample)
+from run import load_checkpoint, model_from_checkpoint, run_cli, save_checkpoint
+from utils import predict, segmentation_metrics, upsample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = build_dataset("synthetic", None, "val", False, length=1, image_size=32).class_names

@@ -6,9 +6,11 @@ materialised; it never calls fckd.py.
 
 import ast
 import math
+import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -77,12 +79,13 @@ def ref_enhance(x, dim, gamma, similarity="dot", temperature=0.1, weights=None):
     return out
 
 
-def ref_fckd(s, t, condense="hard", threshold=0.5, apply="multiply", enhance=True, similarity="dot",
+def ref_fckd(s, t, condense="hard", threshold=0.5, apply="multiply", similarity="dot",
              temperature=0.1, gamma=1.0, tau_s=1.0, tau_c=4.0, lam_s=1.0, lam_c=3.0, matrix=None):
     """Steps 1-5; matrix: a given M (B x 1 x H x W) in place of steps 1-2."""
     s, t = s.double(), t.double()
     if s.shape[2:] != t.shape[2:]:
-        s = F.interpolate(s, size=t.shape[2:], mode="bilinear", align_corners=False)
+        larger = s.shape[2] > t.shape[2] or s.shape[3] > t.shape[3]
+        s = F.interpolate(s, size=t.shape[2:], mode="bilinear", align_corners=False, antialias=larger)
     b, c, hgt, wid = t.shape
     m = ref_matrix(t, condense, threshold) if matrix is None else matrix
     if apply == "multiply":
@@ -90,8 +93,8 @@ def ref_fckd(s, t, condense="hard", threshold=0.5, apply="multiply", enhance=Tru
     else:
         X, S, w = t, s, m
     options = dict(similarity=similarity, temperature=temperature, weights=w)
-    t_sp = ref_enhance(X, "spatial", gamma, **options) if enhance else X
-    t_ch = ref_enhance(X, "channel", gamma, **options) if enhance else X
+    t_sp = ref_enhance(X, "spatial", gamma, **options)  # gamma 0: X + 0 E = X
+    t_ch = ref_enhance(X, "channel", gamma, **options)
     kl_pixels = ref_kl(ref_softmax(t_sp / tau_s, 1), ref_softmax(S / tau_s, 1), 1)  # B x H x W
     if apply == "multiply":
         l_sp = tau_s ** 2 / (b * hgt * wid) * kl_pixels.sum()
@@ -121,13 +124,13 @@ def logits(*shape, scale=3.0, seed=0):
 @pytest.mark.parametrize("apply", ["multiply", "mask"])
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
 @pytest.mark.parametrize("condense", ["hard", "soft", "none"])
-@pytest.mark.parametrize("enhance", [True, False])
-@pytest.mark.parametrize("student_size", [(6, 10), (3, 5)])
-def test_matches_float64_reference(apply, similarity, condense, enhance, student_size):
+@pytest.mark.parametrize("gamma", [0.7, 0.0])
+@pytest.mark.parametrize("student_size", [(6, 10), (3, 5), (4, 25)])  # (4, 25): larger in width only
+def test_matches_float64_reference(apply, similarity, condense, gamma, student_size):
     t = logits(2, 7, 6, 10, seed=1)
     s = logits(2, 7, *student_size, seed=2)
-    options = dict(condense=condense, threshold=0.6, apply=apply, enhance=enhance, similarity=similarity,
-                   temperature=0.2, gamma=0.7)
+    options = dict(condense=condense, threshold=0.6, apply=apply, similarity=similarity, temperature=0.2,
+                   gamma=gamma)
     got = fckd.FCKDLoss(**options)(s, t)
     want = ref_fckd(s, t, **options)
     if condense == "hard":  # the threshold should actually split the pixels in this fixture
@@ -152,10 +155,10 @@ def test_the_defaults_are_the_reading_the_camvid_table_chose():
     (gamma 0), with the KD and CWD temperatures and weights."""
     t, s = logits(2, 5, 6, 7, seed=40), logits(2, 5, 6, 7, seed=41)
     got = fckd.FCKDLoss()(s, t)
-    want = ref_fckd(s, t, condense="hard", threshold=0.7, apply="mask", enhance=False, tau_s=1.0, tau_c=4.0,
+    want = ref_fckd(s, t, condense="hard", threshold=0.7, apply="mask", gamma=0.0, tau_s=1.0, tau_c=4.0,
                     lam_s=1.0, lam_c=3.0)
-    # and gamma 0 is the loss of enhance=False under any similarity
-    torch.testing.assert_close(fckd.FCKDLoss(gamma=0.0, enhance=True, similarity="dot")(s, t)["loss"], got["loss"])
+    # and gamma 0 is the loss without enhancement under any similarity
+    torch.testing.assert_close(fckd.FCKDLoss(gamma=0.0, similarity="dot")(s, t)["loss"], got["loss"])
     assert 0.05 < float(want["keep_ratio"]) < 0.95  # the threshold splits this fixture's pixels
     for key in ("loss", "spatial", "channel", "keep_ratio"):
         torch.testing.assert_close(got[key].double(), want[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -269,7 +272,7 @@ def ref_cwd(s, t, tau):
 @pytest.mark.parametrize("tau", [1.0, 3.0])
 def test_fckd_reduces_to_pixel_kd(apply, tau):
     t, s = logits(2, 6, 5, 7, seed=10), logits(2, 6, 5, 7, seed=11)
-    loss = fckd.FCKDLoss(condense="none", apply=apply, enhance=False, lambda_channel=0.0, tau_spatial=tau)(s, t)["loss"]
+    loss = fckd.FCKDLoss(condense="none", apply=apply, gamma=0.0, lambda_channel=0.0, tau_spatial=tau)(s, t)["loss"]
     torch.testing.assert_close(loss.double(), ref_pixel_kd(s, t, tau))
     torch.testing.assert_close(fckd.spatial_kd(s, t, tau).double(), ref_pixel_kd(s, t, tau))
 
@@ -278,7 +281,7 @@ def test_fckd_reduces_to_pixel_kd(apply, tau):
 @pytest.mark.parametrize("tau", [1.0, 4.0])
 def test_fckd_reduces_to_cwd(apply, tau):
     t, s = logits(2, 6, 5, 7, seed=12), logits(2, 6, 5, 7, seed=13)
-    loss = fckd.FCKDLoss(condense="none", apply=apply, enhance=False, lambda_spatial=0.0, lambda_channel=1.0,
+    loss = fckd.FCKDLoss(condense="none", apply=apply, gamma=0.0, lambda_spatial=0.0, lambda_channel=1.0,
                          tau_channel=tau)(s, t)["loss"]
     torch.testing.assert_close(loss.double(), ref_cwd(s, t, tau))
     torch.testing.assert_close(fckd.channel_kd(s, t, tau).double(), ref_cwd(s, t, tau))
@@ -295,7 +298,7 @@ def test_mask_with_hard_matrix_is_kd_and_cwd_on_the_kept_pixels_only(tau):
     t[2] = 0.0  # a uniform teacher: image 2 keeps no pixel and must count for nothing
     keep = fckd.condensation_matrix(t, "hard", 0.8).bool()
     assert 0 < keep[:2].sum() < keep[:2].numel() and not keep[2].any()
-    options = dict(condense="hard", threshold=0.8, apply="mask", enhance=False, tau_spatial=tau, tau_channel=tau)
+    options = dict(condense="hard", threshold=0.8, apply="mask", gamma=0.0, tau_spatial=tau, tau_channel=tau)
     out = fckd.FCKDLoss(**options)(s, t)
     # KD over the kept pixels of all images, as if the dropped ones had been deleted
     close = dict(rtol=1e-5, atol=1e-6)  # float32 against the float64 reference
@@ -312,7 +315,7 @@ def test_mask_with_hard_matrix_is_kd_and_cwd_on_the_kept_pixels_only(tau):
 def test_identical_logits_give_zero_loss_and_zero_gradient(apply, condense):
     t = logits(2, 5, 6, 6, seed=14)
     s = t.clone().requires_grad_()
-    out = fckd.FCKDLoss(condense=condense, apply=apply, enhance=False)(s, t)
+    out = fckd.FCKDLoss(condense=condense, apply=apply, gamma=0.0)(s, t)
     out["loss"].backward()
     assert abs(float(out["loss"].detach())) < 1e-6
     assert s.grad.abs().max() < 1e-6
@@ -556,11 +559,11 @@ def test_quantile_with_keep_one_is_no_condensation():
 
 
 @pytest.mark.parametrize("apply", ["multiply", "mask"])
-@pytest.mark.parametrize("enhance", [True, False])
-def test_quantile_loss_matches_the_reference_on_its_matrix(apply, enhance):
+@pytest.mark.parametrize("gamma", [0.7, 0.0])
+def test_quantile_loss_matches_the_reference_on_its_matrix(apply, gamma):
     """FCKDLoss(condense="quantile") is the loss of the reference with M = the sort-based matrix."""
     t, s = logits(2, 7, 6, 10, seed=53), logits(2, 7, 6, 10, seed=54)
-    options = dict(apply=apply, enhance=enhance, similarity="cosine", temperature=0.2, gamma=0.7)
+    options = dict(apply=apply, similarity="cosine", temperature=0.2, gamma=gamma)
     got = fckd.FCKDLoss(condense="quantile", keep=0.6, **options)(s, t)
     want = ref_fckd(s, t, matrix=ref_quantile_matrix(t, 0.6), **options)
     for key in ("loss", "spatial", "channel", "keep_ratio"):
@@ -611,3 +614,139 @@ def test_a_batch_that_keeps_no_pixel_warns_once():
 def test_bad_revision_3_arguments_raise_clear_value_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ----------------------------------------------------------------------------- revision 4
+
+def test_enhance_is_gone_and_gamma_zero_computes_no_attention(monkeypatch):
+    for value in (False, True):
+        with pytest.raises(TypeError, match="enhance"):
+            fckd.FCKDLoss(enhance=value)
+    assert "enhance" not in repr(fckd.FCKDLoss()) and "gamma=0.0" in repr(fckd.FCKDLoss())
+    t, s = logits(2, 5, 4, 6, seed=70), logits(2, 5, 4, 6, seed=71)
+    # revision 1 is exactly apply="multiply", similarity="dot", gamma=1.0
+    revision_1 = dict(condense="hard", threshold=0.6, apply="multiply", similarity="dot", gamma=1.0)
+    torch.testing.assert_close(fckd.FCKDLoss(**revision_1)(s, t)["loss"].double(), ref_fckd(s, t, **revision_1)["loss"],
+                               rtol=1e-5, atol=1e-6)
+
+    def no_attention(*args, **kwargs):
+        raise AssertionError("gamma 0 computed an attention")
+    for name in ("_spatial_attention", "_channel_attention"):
+        monkeypatch.setattr(fckd, name, no_attention)
+    monkeypatch.setattr(fckd.F, "scaled_dot_product_attention", no_attention)
+    for apply in ("multiply", "mask"):
+        fckd.FCKDLoss(apply=apply, similarity="dot", gamma=0.0)(s, t)
+    x = logits(1, 4, 3, 3)
+    for dim in ("spatial", "channel"):
+        assert torch.equal(fckd.soft_enhance(x, dim, gamma=0.0), x)
+
+
+def test_a_student_larger_than_the_teacher_gets_gradient_at_every_pixel():
+    t = logits(2, 5, 4, 5, seed=72)
+    s = logits(2, 5, 32, 40, seed=73).requires_grad_()  # 8x the teacher's size
+    fckd.FCKDLoss(condense="none")(s, t)["loss"].backward()
+    reached = s.grad.abs().sum(1) > 0
+    assert reached.float().mean() > 0.99
+    # plain bilinear reads 2 x 2 student pixels per teacher pixel: most would get nothing
+    plain = s.detach().clone().requires_grad_()
+    F.interpolate(plain, size=(4, 5), mode="bilinear", align_corners=False).square().sum().backward()
+    assert (plain.grad.abs().sum(1) > 0).float().mean() < 0.1
+
+
+@pytest.mark.parametrize("block", [1, 3 * 2 * 35])  # one query pixel per block; three (35 is not a multiple of 3)
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_spatial_attention_runs_in_bounded_blocks_of_queries(monkeypatch, block, similarity, weighted):
+    x = logits(2, 11, 5, 7, seed=74)  # N = 35
+    weights = None
+    if weighted:
+        weights = (torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(75)) > 0.4).float()
+        weights[0, 0, 0, :2] = torch.tensor([0.3, 0.8])
+    assert fckd._ATTENTION_BLOCK * 4 <= 64 * 2 ** 20  # the default: at most 64 MB of float32 scores at once
+    scores, sdpa = [], F.scaled_dot_product_attention
+
+    def recording(query, key, value, **kwargs):
+        assert kwargs.get("scale") is not None  # zero-padded C: the default 1/sqrt(C') would be wrong
+        scores.append(query.shape[0] * query.shape[2] * key.shape[2])  # B x queries x N
+        return sdpa(query, key, value, **kwargs)
+    monkeypatch.setattr(fckd.F, "scaled_dot_product_attention", recording)
+    monkeypatch.setattr(fckd, "_ATTENTION_BLOCK", block)
+    got = fckd.soft_enhance(x, "spatial", gamma=1.3, similarity=similarity, temperature=0.15, weights=weights)
+    want = ref_enhance(x.double(), "spatial", 1.3, similarity, 0.15, None if weights is None else weights.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    rows = 1 if block == 1 else 3
+    assert len(scores) == math.ceil(35 / rows) and max(scores) == 2 * rows * 35
+
+
+def test_quantile_ties_that_keep_much_more_than_keep_warn_once():
+    loss_fn = fckd.FCKDLoss(condense="quantile", keep=0.5)
+    s = logits(2, 5, 4, 4, seed=76)
+    with pytest.warns(RuntimeWarning, match="ties in the teacher's entropy"):
+        out = loss_fn(s, torch.zeros(2, 5, 4, 4))  # a uniform teacher: every Hn is 1, every pixel tied
+    assert out["keep_ratio"] == 1  # the ties are kept, as the spec says
+    saturated = torch.zeros(2, 5, 4, 4)
+    saturated[:, 1] = 1e4  # Hn 0 everywhere
+    with pytest.warns(RuntimeWarning, match="ties"):
+        fckd.FCKDLoss(condense="quantile", keep=0.8)(s, saturated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning, or one for distinct entropies, would raise here
+        loss_fn(s, torch.zeros(2, 5, 4, 4))
+        for keep in (0.5, 0.8, 0.93):
+            out = fckd.FCKDLoss(condense="quantile", keep=keep)(s, logits(2, 5, 4, 4, seed=77))
+            assert out["keep_ratio"] == math.ceil(keep * 16) / 16
+        fckd.FCKDLoss(condense="hard")(s, torch.zeros(2, 5, 4, 4) + 1e4 * (torch.arange(5) == 1).view(1, 5, 1, 1))
+
+
+def test_pixel_entropy_is_finite_with_a_minus_inf_logit():
+    masked = logits(2, 6, 3, 4, seed=78)
+    masked[:, 2] = -math.inf  # class 2 is impossible everywhere
+    masked[1, 4, 0, 0] = -math.inf  # and class 4 at one pixel
+    leaf = masked.clone().requires_grad_()
+    hn = fckd.pixel_entropy(leaf)
+    assert torch.isfinite(hn).all()
+    hn.sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+    for b, i, j in [(0, 1, 2), (1, 0, 0), (1, 2, 3)]:
+        rest = masked[b, :, i, j].double()
+        p = ref_softmax(rest[torch.isfinite(rest)], 0)
+        torch.testing.assert_close(hn[b, 0, i, j].double(), -(p * p.log()).sum() / math.log(6), rtol=1e-5, atol=1e-6)
+    # a pixel with no finite logit has no entropy to give, and the condensation matrix drops it as before
+    masked[0, :, 1, 1] = -math.inf
+    assert torch.isnan(fckd.pixel_entropy(masked)[0, 0, 1, 1])
+    assert fckd.condensation_matrix(masked, "none")[0, 0, 1, 1] == 0
+
+
+NUMBER_ARGUMENTS = ("keep", "threshold", "gamma", "temperature", "tau_spatial", "tau_channel", "lambda_spatial",
+                    "lambda_channel", "downsample")
+
+
+@pytest.mark.parametrize("name", NUMBER_ARGUMENTS)
+@pytest.mark.parametrize("value", ["0.5", None, True])
+def test_arguments_of_the_wrong_type_are_named(name, value):
+    with pytest.raises((TypeError, ValueError), match=rf"^{name} must be .*, got {re.escape(repr(value))}$"):
+        fckd.FCKDLoss(**{name: value})
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: fckd.condensation_matrix(torch.zeros(1, 3, 2, 2), "hard", threshold="0.5"), r"threshold.*'0.5'"),
+    (lambda: fckd.condensation_matrix(torch.zeros(1, 3, 2, 2), "quantile", keep=None), r"keep.*None"),
+    (lambda: fckd.condensation_matrix(torch.zeros(1, 3, 2, 2), "quantile", keep=True), r"keep.*True"),
+    (lambda: fckd.soft_enhance(torch.zeros(1, 3, 2, 2), "spatial", gamma="1"), r"gamma.*'1'"),
+    (lambda: fckd.soft_enhance(torch.zeros(1, 3, 2, 2), "channel", temperature=None), r"temperature.*None"),
+    (lambda: fckd.spatial_kd(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2), tau="1"), r"tau.*'1'"),
+    (lambda: fckd.channel_kd(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2), tau=False), r"tau.*False"),
+])
+def test_functions_name_arguments_of_the_wrong_type(call, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        call()
+
+
+def test_logits_on_two_devices_raise_a_value_error_naming_both():
+    s, t = torch.zeros(2, 5, 4, 4, device="meta"), torch.zeros(2, 5, 4, 4)
+    for call in (fckd.FCKDLoss(), fckd.spatial_kd, fckd.channel_kd):
+        with pytest.raises(ValueError, match=r"student logits are on meta, teacher logits on cpu: put both on one"):
+            call(s, t)
+    with pytest.raises(ValueError, match=r"student logits are on cpu, teacher logits on meta"):
+        fckd.FCKDLoss()(t, s)
+    with pytest.raises(ValueError, match=r"x is on cpu, weights on meta"):
+        fckd.soft_enhance(t, "spatial", weights=torch.ones(2, 1, 4, 4, device="meta"))

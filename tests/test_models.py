@@ -7,7 +7,7 @@ import torch.nn as nn
 import torchvision
 
 from models import MODEL_NAMES, BasicBlock, Bottleneck, ResNet, build_model, load_backbone
-from utils import CHECKPOINT_KEYS, model_from_checkpoint, save_checkpoint
+from run import CHECKPOINT_KEYS, model_from_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = 0.125  # width multiplier for CPU tests: 8 base channels

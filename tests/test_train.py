@@ -19,8 +19,10 @@ from torch.utils.data import default_collate
 import train
 from data import DATASETS, SYNTHETIC_CLASSES, build_dataset
 from fckd import FCKDLoss
+from losses import loss_settings
 from models import build_model
-from utils import CHECKPOINT_KEYS, Interrupted, dataset_from_checkpoint, load_checkpoint, run_cli, save_checkpoint
+from run import CHECKPOINT_KEYS, Interrupted, file_sha256, load_checkpoint, run_cli, save_checkpoint
+from utils import dataset_from_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = len(SYNTHETIC_CLASSES)
@@ -100,7 +102,8 @@ def test_training_writes_checkpoints_log_and_a_final_json_summary(tmp_path, caps
 def test_distilled_student_trains_with_a_frozen_teacher_from_its_checkpoint(tmp_path, kd, teacher_ckpt, baseline):
     teacher_before = load_checkpoint(teacher_ckpt)["model"]
     # a 2-iteration teacher is unsure everywhere: threshold 1 keeps every pixel, so the FCKD term is not 0
-    ckpt = run(tmp_path, "--iters", 2, "--teacher-ckpt", teacher_ckpt, "--kd", kd, "--fckd-threshold", 1.0)
+    ckpt = run(tmp_path, "--iters", 2, "--teacher-ckpt", teacher_ckpt, "--kd", kd,
+               *(["--fckd-threshold", 1.0] if kd == "fckd" else []))
 
     steps = [r for r in read_log(tmp_path) if "loss" in r]
     for r in steps:
@@ -125,23 +128,67 @@ def test_fckd_flags_default_to_fckdloss_defaults():
     # train.py's nets give logits at the backbone's stride, not upsampled: no downsampling
     assert defaults.pop("downsample") == 1
     assert defaults == {"condense": args.fckd_condense, "threshold": args.fckd_threshold, "keep": args.fckd_keep,
-                        "apply": args.fckd_apply,
-                        "enhance": args.fckd_enhance, "similarity": args.fckd_similarity,
+                        "apply": args.fckd_apply, "similarity": args.fckd_similarity,
                         "temperature": args.fckd_temperature, "gamma": args.fckd_gamma,
                         "tau_spatial": args.tau_spatial, "tau_channel": args.tau_channel,
                         "lambda_spatial": args.lambda_spatial, "lambda_channel": args.lambda_channel}
-    assert train.loss_settings(args) == defaults
+    assert loss_settings("fckd", vars(args)) == defaults
 
 
 def test_fckd_flags_map_one_to_one_to_fckdloss():
-    args = train.parse_args(["--teacher-ckpt", "t.pt", "--fckd-condense", "soft", "--fckd-threshold", "0.4",
-                             "--fckd-keep", "0.6", "--fckd-apply", "mask", "--no-fckd-enhance",
-                             "--fckd-similarity", "cosine", "--fckd-temperature", "0.05", "--fckd-gamma", "0.5", "--tau-spatial", "2",
-                             "--tau-channel", "3", "--lambda-spatial", "0.5", "--lambda-channel", "2"])
-    assert train.loss_settings(args) == {
-        "condense": "soft", "threshold": 0.4, "keep": 0.6, "apply": "mask", "enhance": False, "similarity": "cosine",
+    args = train.parse_args(["--teacher-ckpt", "t.pt", "--fckd-threshold", "0.4", "--fckd-apply", "multiply",
+                             "--fckd-similarity", "dot", "--fckd-temperature", "0.05", "--fckd-gamma", "0.5",
+                             "--tau-spatial", "2", "--tau-channel", "3", "--lambda-spatial", "0.5",
+                             "--lambda-channel", "2"])
+    assert loss_settings("fckd", vars(args)) == {
+        "condense": "hard", "threshold": 0.4, "keep": 0.8, "apply": "multiply", "similarity": "dot",
         "temperature": 0.05, "gamma": 0.5, "tau_spatial": 2.0, "tau_channel": 3.0, "lambda_spatial": 0.5,
         "lambda_channel": 2.0}
+    args = train.parse_args(["--teacher-ckpt", "t.pt", "--fckd-condense", "quantile", "--fckd-keep", "0.6"])
+    assert loss_settings("fckd", vars(args))["keep"] == 0.6
+
+
+@pytest.mark.parametrize("flags, named", [
+    ([], "--fckd-gamma --tau-spatial do nothing in a run without a teacher"),
+    (["--teacher-ckpt", "t.pt", "--kd", "kd"], "--fckd-gamma --tau-spatial"),
+    (["--teacher-ckpt", "t.pt", "--kd", "cwd"], "--fckd-gamma --tau-spatial do nothing in a run with --kd cwd"),
+])
+def test_loss_flags_a_run_does_not_use_are_refused_by_name(capsys, flags, named):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(flags + ["--fckd-gamma", "2", "--tau-spatial", "3"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    if "--kd kd" in " ".join(flags):  # KD uses --tau-spatial
+        assert "--fckd-gamma does nothing in a run with --kd kd" in err
+    else:
+        assert named in err
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--fckd-condense", "quantile", "--fckd-threshold", "0.5"], "--fckd-threshold does nothing"),
+    (["--fckd-keep", "0.6"], "--fckd-keep does nothing"),
+    (["--fckd-temperature", "0.2"], "--fckd-temperature does nothing"),  # gamma 0: no enhancement
+    (["--fckd-similarity", "dot"], "--fckd-similarity does nothing"),
+])
+def test_fckd_flags_its_own_setting_leaves_unused_are_refused(capsys, flags, named):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--teacher-ckpt", "t.pt"] + flags)
+    assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--data-root", "x"], "--data-root does nothing in this run (the synthetic set is generated)"),
+    (["--dataset", "camvid", "--synthetic-size", "32"], "--synthetic-size does nothing in this run"),
+    (["--image-scale", "0.5"], "--image-scale does nothing in this run"),
+    (["--teacher-ckpt", ""], "--teacher-ckpt is empty: give a path, or leave the flag out"),
+    (["--labelled-list", ""], "--labelled-list is empty"),
+    (["--resume", ""], "--resume is empty"),
+    (["--out", ""], "--out is empty"),
+])
+def test_empty_paths_and_flags_that_do_nothing_are_refused_by_name(capsys, flags, named):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(flags)
+    assert exit_info.value.code == 2 and named in capsys.readouterr().err
 
 
 def test_revision_2_fckd_trains(tmp_path, teacher_ckpt):
@@ -262,8 +309,7 @@ def test_resume_refuses_to_turn_a_baseline_into_a_distilled_run(stopped_runs, ca
 @pytest.mark.parametrize("changed, named", [
     (["--fckd-gamma", "1.0"], "--fckd-gamma: 0.0 in the checkpoint, 1.0 now"),
     (["--fckd-condense", "quantile"], "--fckd-condense: 'hard' in the checkpoint, 'quantile' now"),
-    (["--fckd-keep", "0.6"], "--fckd-keep: 0.8 in the checkpoint, 0.6 now"),
-    (["--no-fckd-enhance"], "--no-fckd-enhance: True in the checkpoint, False now"),
+    (["--fckd-threshold", "0.5"], "--fckd-threshold: 0.7 in the checkpoint, 0.5 now"),
     (["--tau-channel", "2"], "--tau-channel: 4.0 in the checkpoint, 2.0 now"),
     (["--kd", "cwd"], "--kd: 'fckd' in the checkpoint, 'cwd' now"),
 ])
@@ -282,12 +328,12 @@ def test_resume_refuses_a_teacher_file_that_changed_on_disk(stopped_runs, capsys
     run_copy = tmp_path / "fckd"
     run_copy.mkdir()
     student = load_checkpoint(root / "fckd" / "last.pt")
-    assert student["args"]["teacher_sha256"] == train.file_sha256(teacher_ckpt)
+    assert student["args"]["teacher_sha256"] == file_sha256(teacher_ckpt)
     student["args"]["teacher_ckpt"] = str(changed)  # as if the run had been started with this path
     save_checkpoint(student, run_copy / "last.pt")
     err = resume_error(capsys, run_copy, flags + ["--teacher-ckpt", str(changed)])
-    assert (f"the teacher checkpoint's content (SHA-256): '{train.file_sha256(teacher_ckpt)}' in the checkpoint, "
-            f"'{train.file_sha256(changed)}' now") in err
+    assert (f"the teacher checkpoint's content (SHA-256): '{file_sha256(teacher_ckpt)}' in the checkpoint, "
+            f"'{file_sha256(changed)}' now") in err
     assert err.count(" in the checkpoint, ") == 1
 
 
@@ -307,8 +353,21 @@ def test_resume_ignores_loss_flags_the_run_does_not_use(stopped_runs, tmp_path):
     root, flags = stopped_runs
     out = tmp_path / "baseline"
     out.mkdir()
-    save_checkpoint(load_checkpoint(root / "baseline" / "last.pt"), out / "last.pt")
-    assert run(out, *flags, "--resume", "auto", "--fckd-gamma", "2.0", "--tau-spatial", "3")["iteration"] == 4
+    checkpoint = load_checkpoint(root / "baseline" / "last.pt")
+    checkpoint["args"].update(fckd_gamma=2.0, tau_spatial=3.0)  # the defaults when it was trained
+    save_checkpoint(checkpoint, out / "last.pt")
+    assert run(out, *flags, "--resume", "auto")["iteration"] == 4
+
+
+def test_a_checkpoint_trained_without_enhancement_resumes_as_gamma_0(stopped_runs, tmp_path, teacher_ckpt):
+    """Spec revision 4 retired --no-fckd-enhance: such a run was trained with today's --fckd-gamma 0."""
+    root, flags = stopped_runs
+    out = tmp_path / "fckd"
+    out.mkdir()
+    checkpoint = load_checkpoint(root / "fckd" / "last.pt")
+    checkpoint["args"].update(fckd_enhance=False, fckd_gamma=0.5)
+    save_checkpoint(checkpoint, out / "last.pt")
+    assert run(out, *flags, "--teacher-ckpt", teacher_ckpt, "--resume", "auto")["iteration"] == 4
 
 
 def test_resume_of_a_checkpoint_without_a_newer_setting_takes_its_default(stopped_runs, tmp_path):
@@ -354,7 +413,7 @@ def test_labelled_list_adds_unlabelled_frames_for_distillation_and_keeps_the_lab
 def test_unlabelled_batch_size_without_a_labelled_list_and_a_teacher_is_refused(tmp_path, capsys, teacher_ckpt):
     err = cli_error(capsys, TINY + ["--out", str(tmp_path / "b"), "--unlabelled-batch-size", "4",
                                     "--teacher-ckpt", teacher_ckpt])
-    assert "--unlabelled-batch-size applies to a distilled run with --labelled-list" in err
+    assert "--unlabelled-batch-size does nothing in this run (it adds a teacher's frames without labels" in err
 
 
 def test_a_labelled_list_with_fewer_frames_than_a_batch_is_refused(tmp_path, capsys):
@@ -463,7 +522,7 @@ def test_teacher_with_the_wrong_class_count_is_refused(tmp_path, capsys):
 def test_missing_checkpoints_are_named(tmp_path, capsys):
     missing = str(tmp_path / "nope.pt")
     assert cli_error(capsys, TINY + ["--out", str(tmp_path), "--teacher-ckpt", missing]) == \
-        f"error: checkpoint not found: {missing}"
+        f"error: --teacher-ckpt not found: {missing}"
     assert cli_error(capsys, TINY + ["--out", str(tmp_path), "--resume", missing]) == \
         f"error: checkpoint not found: {missing}"
 
@@ -661,7 +720,7 @@ def test_an_image_scale_outside_0_1_is_refused_naming_the_flag(capsys, value):
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: --image-scale must be in (0, 1], got {float(value)}")
     with pytest.raises(SystemExit):
         train.parse_args(["--image-scale", "0.5"])  # synthetic
-    assert "--image-scale applies to the real sets" in capsys.readouterr().err
+    assert "--image-scale does nothing in this run (the synthetic set has --synthetic-size)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -681,7 +740,8 @@ def test_an_image_scale_outside_0_1_is_refused_naming_the_flag(capsys, value):
 ])
 def test_numbers_are_checked_naming_the_flag(capsys, flag, value, message):
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(["--teacher-ckpt", "t.pt", "--kd", "kd", flag, value])
+        # FCKD with enhancement uses every loss flag (a flag the run does not use is refused as such)
+        train.parse_args(["--teacher-ckpt", "t.pt", "--kd", "fckd", "--fckd-gamma", "0.5", flag, value])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")  # after argparse's prog name
 
@@ -776,13 +836,13 @@ def test_sigterm_stops_after_the_step_and_the_resumed_run_matches(tmp_path, monk
 SLOW_DATA_TRAIN = """
 import sys, time
 sys.path.insert(0, {root!r})
-import train, utils
+import train, run
 get = train.SeededSamples.__getitem__
 def slow(self, key):  # the trainer waits for its data worker most of the time, as on a data-bound node
     time.sleep(0.1)
     return get(self, key)
 train.SeededSamples.__getitem__ = slow
-utils.run_cli(lambda: train.main(sys.argv[1:]))
+run.run_cli(lambda: train.main(sys.argv[1:]))
 """
 
 
