@@ -49,6 +49,7 @@ from utils import (autocast, check_num_classes, dataset_from_checkpoint, evaluat
 IGNORE_COLOUR = (255, 255, 255)  # white: several palettes use black for a real class
 SCALES = (0.25, 4.0)  # beyond these an image is a few logits wide, or 16 times the pixels of the original
 MIN_EXPORT_SIZE = 32  # pixels a side, as train.py's MIN_CROP: the smallest input the nets are trained on
+MAX_EXPORT_SIZE = 4096  # pixels a side: tracing a batch of 2 larger than this asks for tens of GB
 EXPORT_BATCH = 2  # the example batch torch.export traces: a batch of 1 would fix the batch size at 1
 # the flags of an evaluation, which --export (export only) would silently ignore
 EVALUATION_FLAGS = ("dataset", "data_root", "split", "image_scale", "frames", "flip", "scales", "window", "amp", "workers",
@@ -88,6 +89,9 @@ def parse_args(argv=None):
                    help=f"with --export: the input size, each side at least {MIN_EXPORT_SIZE} (default: the "
                    "training crop size of the checkpoint's run; for the synthetic set its image size)")
     args = p.parse_args(argv)
+    for flag in ("ckpt", "data_root", "frames", "json", "save_dir", "teacher_ckpt", "export"):
+        if getattr(args, flag) == "":
+            p.error(f"--{flag.replace('_', '-')} is empty: give a path, or leave the flag out")
     if not all(SCALES[0] <= s <= SCALES[1] for s in args.scales):  # NaN fails too
         p.error(f"--scales must each be in [{SCALES[0]}, {SCALES[1]}], got {' '.join(map(str, args.scales))}")
     if args.image_scale is not None and not 0 < args.image_scale <= 1:  # NaN fails too
@@ -98,10 +102,12 @@ def parse_args(argv=None):
         p.error(f"--workers must be >= 0, got {args.workers}")
     if args.teacher_ckpt and not args.save_dir:
         p.error("--teacher-ckpt is only used for the pictures: pass --save-dir too")
+    if args.fckd_threshold is not None and not args.teacher_ckpt:
+        p.error("--fckd-threshold is only used for the teacher's pictures: pass --teacher-ckpt and --save-dir too")
     if args.export_size and not args.export:
         p.error("--export-size is only used with --export: pass --export PATH too")
-    if args.export_size and min(args.export_size) < MIN_EXPORT_SIZE:
-        p.error(f"--export-size must be two ints of at least {MIN_EXPORT_SIZE}, got "
+    if args.export_size and not MIN_EXPORT_SIZE <= min(args.export_size) <= max(args.export_size) <= MAX_EXPORT_SIZE:
+        p.error(f"--export-size must be two ints from {MIN_EXPORT_SIZE} to {MAX_EXPORT_SIZE}, got "
                 f"{' '.join(map(str, args.export_size))}")
     if args.export:
         ignored = [f"--{key.replace('_', '-')}" for key in EVALUATION_FLAGS if getattr(args, key) != p.get_default(key)]
@@ -231,10 +237,13 @@ def picture_writer(args, checkpoint, dataset, dataset_name, device, amp):
                           dataset.num_classes)
         teacher.eval().to(device, memory_format=memory_format(device))
     trained = checkpoint["args"]
+    mode = trained.get("fckd_condense", "hard") if trained.get("kd") == "fckd" else "hard"
+    if args.fckd_threshold is not None and mode != "hard":
+        raise ValueError(f"--fckd-threshold sets a hard condensation's threshold; {args.ckpt} was trained with "
+                         f"--fckd-condense {mode}, whose matrix is pictured: drop --fckd-threshold")
     threshold = args.fckd_threshold
     if threshold is None:
         threshold = trained.get("fckd_threshold", DEFAULT_THRESHOLD)
-    mode = trained.get("fckd_condense", "hard") if trained.get("kd") == "fckd" else "hard"
     keep_share = trained.get("fckd_keep", DEFAULT_KEEP)
 
     def save_pictures(index, image, label, prediction):

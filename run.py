@@ -81,7 +81,9 @@ def atomic_write(path, write):
             os.remove(tmp)
         if isinstance(e, OSError):  # a full disk, a lost mount: one line that names the file
             before = "the file there is as it was" if os.path.exists(path) else "nothing was written"
-            raise OSError(e.errno, f"cannot write {path} ({e.strerror or e}); {before}") from None
+            error = OSError(f"cannot write {path} ({e.strerror or e}); {before}")
+            error.errno = e.errno
+            raise error from None
         raise
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
         fd = os.open(folder, os.O_DIRECTORY)

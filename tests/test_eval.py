@@ -312,9 +312,10 @@ def test_export_refuses_an_existing_file_an_unwritable_folder_and_bad_sizes(trai
     assert cli_error(capsys, ["--ckpt", ckpt, "--export", str(tmp_path)]) == (
         f"error: --export {tmp_path} exists: remove it or pass another path (nothing is overwritten)")
 
-    for size, message in ((["31", "64"], "--export-size must be two ints of at least 32, got 31 64"),
-                          (["64", "0"], "--export-size must be two ints of at least 32, got 64 0"),
-                          (["64", "-64"], "--export-size must be two ints of at least 32, got 64 -64"),
+    for size, message in ((["31", "64"], "--export-size must be two ints from 32 to 4096, got 31 64"),
+                          (["64", "0"], "--export-size must be two ints from 32 to 4096, got 64 0"),
+                          (["64", "-64"], "--export-size must be two ints from 32 to 4096, got 64 -64"),
+                          (["100000", "100000"], "--export-size must be two ints from 32 to 4096, got 100000 100000"),
                           (["64"], "--export-size: expected 2 arguments"),
                           (["64", "6.4"], "--export-size: invalid int value: '6.4'")):
         with pytest.raises(SystemExit) as exit_info:
@@ -358,6 +359,26 @@ def test_the_pictured_condensation_is_the_students_own_kind(trained, tmp_path, c
     assert 0.4 < want.mean() < 0.7  # half of the logit pixels, upsampled
     assert np.array_equal(np.asarray(Image.open(pictures / "00000_condensation.png")),
                           want[0, 0].numpy().astype(np.uint8) * 255)
+    # a threshold means nothing to its quantile matrix: refused, not silently ignored
+    err = cli_error(capsys, ["--ckpt", str(tmp_path / "quantile.pt"), "--teacher-ckpt", str(trained / "best.pt"),
+                             "--save-dir", str(tmp_path / "more"), "--fckd-threshold", "0.5"])
+    assert err == (f"error: --fckd-threshold sets a hard condensation's threshold; {tmp_path / 'quantile.pt'} was "
+                   "trained with --fckd-condense quantile, whose matrix is pictured: drop --fckd-threshold")
+
+
+@pytest.mark.parametrize("flag", ["--export", "--json", "--save-dir", "--frames", "--data-root"])
+def test_an_empty_path_is_refused_by_name(trained, capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_script.parse_args(["--ckpt", str(trained / "last.pt"), flag, ""])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {flag} is empty: give a path, or leave the "
+                                                             "flag out")
+
+
+def test_a_threshold_without_the_teachers_pictures_is_refused(trained, capsys):
+    with pytest.raises(SystemExit):
+        evaluate_script.parse_args(["--ckpt", str(trained / "last.pt"), "--fckd-threshold", "0.5"])
+    assert "--fckd-threshold is only used for the teacher's pictures" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------

@@ -602,6 +602,124 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path, capsys):
     assert load_checkpoint(tmp_path / "best.pt")["iteration"] == 2
 
 
+def run_files(out):
+    """The bytes of every run file in `out`: what a refused command must leave exactly as it was."""
+    return {name: (out / name).read_bytes() for name in ("last.pt", "best.pt", "log.jsonl") if (out / name).exists()}
+
+
+def test_resume_into_a_folder_that_holds_another_run_is_refused(tmp_path, capsys):
+    run(tmp_path / "A", "--iters", 2)
+    run(tmp_path / "B", "--iters", 2)
+    before = run_files(tmp_path / "A")
+    err = cli_error(capsys, TINY + ["--iters", "2", "--resume", str(tmp_path / "B" / "last.pt"),
+                                    "--out", str(tmp_path / "A")])
+    assert err == (f"error: {tmp_path / 'A'} already holds a run (last.pt, best.pt, log.jsonl) that --resume "
+                   f"{tmp_path / 'B' / 'last.pt'} is not: resume into the checkpoint's own folder (--out "
+                   f"{tmp_path / 'B'}) or an empty one, or pass --overwrite instead to replace this run")
+    assert run_files(tmp_path / "A") == before
+    # into the checkpoint's own folder, or an empty one, it resumes
+    for out in ("C", "B"):
+        train.main(TINY + ["--iters", "2", "--resume", str(tmp_path / "B" / "last.pt"), "--out", str(tmp_path / out)])
+        assert f"resuming from {tmp_path / 'B' / 'last.pt'} at iteration 2" in capsys.readouterr().out
+
+
+def test_overwrite_checks_every_input_before_it_removes_the_old_run(tmp_path, capsys):
+    run(tmp_path, "--iters", 2)
+    before = run_files(tmp_path)
+    for flag, value in (("--teacher-ckpt", tmp_path / "typo.pt"), ("--labelled-list", tmp_path / "typo.txt"),
+                        ("--pretrained-backbone", tmp_path / "typo.pth")):
+        err = cli_error(capsys, TINY + ["--iters", "2", "--overwrite", "--out", str(tmp_path), flag, str(value)])
+        assert str(value) in err
+        assert run_files(tmp_path) == before
+    assert run(tmp_path, "--iters", 1, "--overwrite")["iteration"] == 1  # all inputs good: the old run goes
+
+
+def test_resume_auto_without_last_pt_where_a_run_is_is_refused(tmp_path, capsys):
+    run(tmp_path, "--iters", 2)
+    (tmp_path / "last.pt").unlink()
+    before = run_files(tmp_path)
+    err = cli_error(capsys, TINY + ["--iters", "2", "--lr", "0.05", "--resume", "auto", "--out", str(tmp_path)])
+    assert err == (f"error: {tmp_path} already holds a run (best.pt, log.jsonl) but no last.pt to continue it from; "
+                   "start it afresh with --overwrite, or choose another --out")
+    assert run_files(tmp_path) == before
+
+
+def test_resume_compares_the_labelled_lists_content_not_its_path(tmp_path, capsys):
+    listing = tmp_path / "labelled.txt"
+    listing.write_text("0\n3\n5\n9\n")
+    out = tmp_path / "run"
+    run(out, "--iters", 2, "--labelled-list", listing)
+    checkpoint = run_files(out)
+    copy = tmp_path / "elsewhere" / "list.txt"  # the same frames under another path: the same run
+    copy.parent.mkdir()
+    copy.write_text(listing.read_text())
+    assert run(out, "--iters", 2, "--labelled-list", copy, "--resume", "auto")["iteration"] == 2
+    for name, data in checkpoint.items():
+        (out / name).write_bytes(data)
+    listing.write_text("0\n3\n5\n10\n")  # edited in place: another run
+    err = cli_error(capsys, TINY + ["--iters", "2", "--labelled-list", str(listing), "--resume", "auto",
+                                    "--out", str(out)])
+    assert "the labelled list's content (SHA-256): " in err and err.count(" in the checkpoint, ") == 1
+
+
+def write_camvid(root, frames):
+    """A tiny CamVid tree: `frames` 32 x 40 train frames and one val frame, labels 0..11."""
+    rng = np.random.default_rng(len(frames))
+    for split, names in (("train", frames), ("val", ["v0"])):
+        for name in names:
+            for folder, array in ((split, rng.integers(0, 255, (32, 40, 3))), (split + "annot", rng.integers(0, 12, (32, 40)))):
+                (root / folder).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array.astype(np.uint8)).save(root / folder / f"{name}.png")
+
+
+def test_resume_refuses_frames_added_to_the_data_split_and_takes_the_same_files_elsewhere(tmp_path, capsys):
+    camvid = ["--dataset", "camvid", "--crop-size", "32", "--width", "0.0625", "--batch-size", "2", "--workers", "0"]
+    write_camvid(tmp_path / "data", ["a", "b"])
+    out = tmp_path / "run"
+    train.main(camvid + ["--data-root", str(tmp_path / "data"), "--iters", "2", "--out", str(out)])
+    saved = run_files(out)
+    import shutil
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")
+    train.main(camvid + ["--data-root", str(tmp_path / "moved"), "--iters", "2", "--resume", "auto", "--out", str(out)])
+    assert "resuming from" in capsys.readouterr().out
+    for name, data in saved.items():
+        (out / name).write_bytes(data)
+    write_camvid(tmp_path / "data", ["a", "b", "c"])  # a frame added under the same root
+    err = cli_error(capsys, camvid + ["--data-root", str(tmp_path / "data"), "--iters", "2", "--resume", "auto",
+                                      "--out", str(out)])
+    assert "the data split's files (names and sizes): " in err and err.count(" in the checkpoint, ") == 1
+    assert run_files(out) == saved
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    import run as run_module
+    real_losses, real_fsync, calls = train.train_losses, os.fsync, []
+
+    def crash_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_losses(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_losses", crash_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "--iters", 4, "--save-every", 2)
+    monkeypatch.setattr(train, "train_losses", real_losses)
+    before = run_files(tmp_path)
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_module.os, "fsync", full_disk)
+    err = cli_error(capsys, TINY + ["--iters", "4", "--save-every", "2", "--resume", "auto", "--out", str(tmp_path)])
+    monkeypatch.setattr(run_module.os, "fsync", real_fsync)
+    assert err.startswith(f"error: cannot write {tmp_path}") and err.endswith(" (No space left on device); the file "
+                                                                              "there is as it was")
+    assert (tmp_path / "last.pt").read_bytes() == before["last.pt"]
+    assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 2
+    assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]  # no temporary file left
+
+
 def test_a_folder_with_other_files_is_not_a_run(tmp_path):
     (tmp_path / "output.log").write_text("what bench/accuracy.py writes before train.py starts\n")
     assert run(tmp_path, "--iters", 1)["iteration"] == 1
