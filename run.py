@@ -484,6 +484,31 @@ def batches(loader, sampler, iteration, batches_per_epoch):
         epoch, consumed = epoch + 1, 0
 
 
+def restartable_stream(dataset, what, batch_size, seed, rank, world_size, workers, cuda):
+    """(loader, sampler, batches_per_epoch): this rank's share of `dataset`'s shuffled batches of the
+    global `batch_size`, in an order a resumed run picks up exactly (ResumableSampler, SeededSamples).
+    ValueError naming `what` when it has fewer images than a batch."""
+    batch_per_rank = batch_size // world_size
+    batches_per_epoch = len(dataset) // world_size // batch_per_rank
+    if batches_per_epoch == 0:
+        raise ValueError(f"the {what} has {len(dataset)} images, fewer than the global batch size {batch_size}")
+    sampler = ResumableSampler(dataset, world_size, rank, seed)
+    loader = DataLoader(SeededSamples(dataset, seed), batch_size=batch_per_rank, sampler=sampler, num_workers=workers,
+                        pin_memory=cuda, drop_last=True, persistent_workers=workers > 0,
+                        worker_init_fn=quiet_on_stop_signals,
+                        generator=torch.Generator())  # its own generator: iter(loader) leaves the global RNG alone
+    return loader, sampler, batches_per_epoch
+
+
+def training_batches(streams, iteration):
+    """The training batches from `iteration` on: one batch of each stream, concatenated."""
+    data = [batches(loader, sampler, iteration, per_epoch) for loader, sampler, per_epoch in streams]
+    if len(data) == 1:
+        return data[0]
+    return ((torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts]))
+            for parts in zip(*data))
+
+
 # -----------------------------------------------------------------------------
 # stopping on SIGINT and SIGTERM, after the current step
 

@@ -12,11 +12,10 @@ where up() resizes the logits to the label size and the distillation term compar
 the nets' own resolution (losses.LOSSES: FCKD, KD or CWD from fckd.py). The teacher is frozen, in
 eval mode, runs under no_grad and is never wrapped in DDP.
 
-Launched by torchrun this is DDP (NCCL on GPUs, gloo on CPUs; --batch-size is global). What keeps
-a run safe lives in run.py: OUT/last.pt is written every --save-every iterations, before each
-validation and on SIGINT/SIGTERM; `--resume auto` continues from it exactly (same weights,
-optimiser, LR, RNG states and position in the epoch's shuffled order); a folder that holds a run
-is written only by that run, or after --overwrite.
+Launched by torchrun this is DDP (NCCL on GPUs, gloo on CPUs; --batch-size is global). run.py keeps
+a run safe: OUT/last.pt is written every --save-every iterations, before each validation and on
+SIGINT/SIGTERM; `--resume auto` continues from it exactly (weights, optimiser, LR, RNG states and
+the position in the shuffled order); a folder that holds a run is written only by that run.
 """
 
 import argparse
@@ -32,18 +31,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from data import DATASET_NAMES, DATASETS, IGNORE_INDEX, PartlyLabelled, build_dataset, listed_indices, synthetic_options
 from losses import FLAGS, add_loss_flags, distillation, unused_flags
 from models import MODEL_NAMES, build_model
-from run import (FRESH_PROGRESS, Interrupted, ResumableSampler, SeededSamples, StopRequest, agreed_stop, append_log,
-                 batches, check_finite_model, check_resumed_model, checkpoint_state, checkpoint_to_resume,
-                 claimed_out_folder, cut_log, decode_split, input_fingerprints, last_good, load_state,
-                 model_from_checkpoint, next_batch, restore, run_cli, save_checkpoint, seed_everything)
+from run import (FRESH_PROGRESS, Interrupted, StopRequest, agreed_stop, append_log, check_finite_model,
+                 check_resumed_model, checkpoint_state, checkpoint_to_resume, claimed_out_folder, cut_log, decode_split,
+                 input_fingerprints, last_good, load_state, model_from_checkpoint, next_batch, restartable_stream,
+                 restore, run_cli, save_checkpoint, seed_everything, training_batches)
 from utils import (all_reduce, autocast, check_num_classes, evaluate, is_main, memory_format, metrics_line,
-                   progress_bar, quiet_on_stop_signals, resolve_amp, segmentation_metrics, setup_distributed,
-                   teardown_distributed, upsample)
+                   progress_bar, resolve_amp, segmentation_metrics, setup_distributed, teardown_distributed, upsample,
+                   use_fast_cuda_kernels)
 
 MOMENTUM = 0.9
 POLY_POWER = 0.9
@@ -242,7 +241,7 @@ def train_losses(model, images, labels, teacher=None, distill=None):
 def training_data(args, rank, world_size, cuda):
     """(train_set, val_set, streams): this rank's share of the shuffled training batches as
     streams of (loader, sampler, batches_per_epoch), in an order a resumed run can pick up
-    (ResumableSampler, SeededSamples); training_batches joins them. With --labelled-list only the
+    (run.restartable_stream); run.training_batches joins them. With --labelled-list only the
     listed frames are sampled as the labelled batch, and a distilled run draws a second stream of
     --unlabelled-batch-size unlisted frames (labels all-ignore) that feed the distillation loss
     alone: distillation adds frames and takes no label visits away. The real sets' val images are
@@ -251,42 +250,23 @@ def training_data(args, rank, world_size, cuda):
     image_scale = args.image_scale or 1.0
     train_set = build_dataset(args.dataset, args.data_root, "train", train=True, crop_size=args.crop_size,
                               image_scale=image_scale, **options)
-    parts = [(train_set, "train split", args.batch_size, args.seed)]
+    parts = [(train_set, f"{args.dataset} train split", args.batch_size, args.seed)]
     if args.labelled_list:
         labelled = listed_indices(train_set, args.labelled_list)
-        parts = [(Subset(train_set, labelled), f"labelled list {args.labelled_list}", args.batch_size, args.seed)]
+        parts = [(Subset(train_set, labelled), f"{args.dataset} labelled list {args.labelled_list}", args.batch_size,
+                  args.seed)]
         if args.teacher_ckpt and args.unlabelled_batch_size:
             listed = set(labelled)
             unlabelled = Subset(PartlyLabelled(train_set, []), [i for i in range(len(train_set)) if i not in listed])
             # another seed: the two streams' samples would otherwise share their augmentations
-            parts.append((unlabelled, "frames the labelled list leaves out", args.unlabelled_batch_size,
+            parts.append((unlabelled, "set of frames the labelled list leaves out", args.unlabelled_batch_size,
                           args.seed + 1))
     val_set = build_dataset(args.dataset, args.data_root, "val", train=False, image_scale=image_scale, **options)
-    streams = []
-    for sampled, what, batch_size, seed in parts:
-        batch_per_rank = batch_size // world_size
-        batches_per_epoch = len(sampled) // world_size // batch_per_rank
-        if batches_per_epoch == 0:
-            raise ValueError(f"the {args.dataset} {what} has {len(sampled)} images, fewer than the "
-                             f"global batch size {batch_size}")
-        sampler = ResumableSampler(sampled, world_size, rank, seed)
-        loader = DataLoader(SeededSamples(sampled, seed), batch_size=batch_per_rank, sampler=sampler,
-                            num_workers=args.workers, pin_memory=cuda, drop_last=True,
-                            persistent_workers=args.workers > 0, worker_init_fn=quiet_on_stop_signals,
-                            generator=torch.Generator())  # its own generator: iter(loader) leaves the global RNG alone
-        streams.append((loader, sampler, batches_per_epoch))
+    streams = [restartable_stream(sampled, what, batch_size, seed, rank, world_size, args.workers, cuda)
+               for sampled, what, batch_size, seed in parts]
     if args.dataset != "synthetic":  # the synthetic scenes are generated, not read
         decode_split(val_set, args.workers, rank, world_size, f"{args.dataset} val")
     return train_set, val_set, streams
-
-
-def training_batches(streams, iteration):
-    """The training batches from `iteration` on: one batch of each stream, concatenated."""
-    data = [batches(loader, sampler, iteration, per_epoch) for loader, sampler, per_epoch in streams]
-    if len(data) == 1:
-        return data[0]
-    return ((torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts]))
-            for parts in zip(*data))
 
 
 def seeded_student(args, num_classes, rank):
@@ -356,13 +336,6 @@ def train_step(run, images, labels, lr, device):
     run["scaler"].step(run["optimizer"])
     run["scaler"].update()
     return losses
-
-
-def use_fast_cuda_kernels():
-    """cuDNN autotuning (every crop has the same size, so the search pays off) and TF32 matmuls."""
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
 
 
 # -----------------------------------------------------------------------------

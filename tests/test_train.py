@@ -21,7 +21,8 @@ from data import DATASETS, SYNTHETIC_CLASSES, build_dataset
 from fckd import FCKDLoss
 from losses import loss_settings
 from models import build_model
-from run import CHECKPOINT_KEYS, Interrupted, file_sha256, load_checkpoint, run_cli, save_checkpoint
+from run import (CHECKPOINT_KEYS, Interrupted, ResumableSampler, SeededSamples, file_sha256, load_checkpoint,
+                 run_cli, save_checkpoint, training_batches)
 from utils import dataset_from_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -397,7 +398,7 @@ def test_labelled_list_adds_unlabelled_frames_for_distillation_and_keeps_the_lab
     assert len(train_set) == 16 and (labelled_per_epoch, unlabelled_per_epoch) == (1, 6)  # 12 unlisted frames
     assert all((labelled.dataset[(0, i)][1] != 255).any() for i in range(4))
     assert all((unlabelled.dataset[(0, i)][1] == 255).all() for i in range(12))
-    images, labels = next(train.training_batches(streams, 0))
+    images, labels = next(training_batches(streams, 0))
     assert images.shape[0] == 6 and (labels[:4] != 255).any() and (labels[4:] == 255).all()
     baseline = train.parse_args(common + ["--out", str(tmp_path / "b")])
     _, _, streams = train.training_data(baseline, 0, 1, False)
@@ -424,7 +425,7 @@ def test_a_labelled_list_with_fewer_frames_than_a_batch_is_refused(tmp_path, cap
 
 
 def test_seeded_samples_repeat_per_epoch_and_leave_the_global_rng_alone():
-    data = train.SeededSamples(build_dataset("synthetic", None, "train", True, length=4, image_size=32), seed=0)
+    data = SeededSamples(build_dataset("synthetic", None, "train", True, length=4, image_size=32), seed=0)
     state = torch.get_rng_state()
     first = data[(0, 3)][0]
     assert torch.equal(data[(0, 3)][0], first)  # the same sample in the same epoch: the same augmentation
@@ -435,9 +436,9 @@ def test_seeded_samples_repeat_per_epoch_and_leave_the_global_rng_alone():
 
 def test_resumable_sampler_skips_the_consumed_part_of_an_epoch():
     dataset = list(range(11))
-    full = list(train.ResumableSampler(dataset, 2, 1, seed=3))
+    full = list(ResumableSampler(dataset, 2, 1, seed=3))
     assert len(full) == 5 and all(epoch == 0 for epoch, _ in full)
-    sampler = train.ResumableSampler(dataset, 2, 1, seed=3)
+    sampler = ResumableSampler(dataset, 2, 1, seed=3)
     sampler.start = 2
     assert list(sampler) == full[2:] and len(sampler) == 3
     sampler.set_epoch(1)
@@ -465,14 +466,14 @@ def test_ddp_on_two_cpu_processes_matches_one_process_accumulating_the_same_micr
     args = train.parse_args(flags)
     world, per_rank = 2, args.batch_size // 2
     train_set = build_dataset("synthetic", None, "train", True, length=16, image_size=32)
-    data = train.SeededSamples(train_set, args.seed)
+    data = SeededSamples(train_set, args.seed)
     torch.manual_seed(args.seed)
     model = build_model(args.model, NUM_CLASSES, width=args.width)
     rng = []
     for rank in range(world):
         torch.manual_seed(args.seed + rank)
         rng.append(torch.get_rng_state())
-    samplers = [iter(train.ResumableSampler(train_set, world, rank, args.seed)) for rank in range(world)]
+    samplers = [iter(ResumableSampler(train_set, world, rank, args.seed)) for rank in range(world)]
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     for iteration in range(args.iters):
         for group in optimizer.param_groups:
@@ -955,11 +956,11 @@ SLOW_DATA_TRAIN = """
 import sys, time
 sys.path.insert(0, {root!r})
 import train, run
-get = train.SeededSamples.__getitem__
+get = run.SeededSamples.__getitem__
 def slow(self, key):  # the trainer waits for its data worker most of the time, as on a data-bound node
     time.sleep(0.1)
     return get(self, key)
-train.SeededSamples.__getitem__ = slow
+run.SeededSamples.__getitem__ = slow
 run.run_cli(lambda: train.main(sys.argv[1:]))
 """
 
