@@ -283,27 +283,33 @@ def voc_pairs(root, split):
     return pairs
 
 
-def cityscapes_pairs(root, split):
-    layout = ("the Cityscapes layout: leftImg8bit/{split}/{city}/*_leftImg8bit.png and "
-              "gtFine/{split}/{city}/*_gtFine_labelIds.png under root")
+def nested_pairs(root, split, name, layout, image_suffix, label_suffix):
+    """(image, label) pairs of a layout with one folder per city or sequence:
+    root/leftImg8bit/split/FOLDER/STEM{image_suffix} and root/gtFine/split/FOLDER/STEM{label_suffix}."""
     require_dirs(root, layout, os.path.join("leftImg8bit", split), os.path.join("gtFine", split))
     image_root = os.path.join(root, "leftImg8bit", split)
     label_root = os.path.join(root, "gtFine", split)
     pairs = []
-    for city in sorted(os.listdir(image_root)):
-        city_dir = os.path.join(image_root, city)
-        if not os.path.isdir(city_dir):
+    for folder in sorted(os.listdir(image_root)):
+        folder_dir = os.path.join(image_root, folder)
+        if not os.path.isdir(folder_dir):
             continue
-        for name in sorted(os.listdir(city_dir)):
-            if not name.endswith("_leftImg8bit.png"):
+        for file in sorted(os.listdir(folder_dir)):
+            if not file.endswith(image_suffix):
                 continue
-            label = os.path.join(label_root, city, name[:-len("_leftImg8bit.png")] + "_gtFine_labelIds.png")
+            label = os.path.join(label_root, folder, file[:-len(image_suffix)] + label_suffix)
             if not os.path.isfile(label):
-                raise ValueError(f"image {os.path.join(city_dir, name)} has no label: {label} does not exist")
-            pairs.append((os.path.join(city_dir, name), label))
+                raise ValueError(f"image {os.path.join(folder_dir, file)} has no label: {label} does not exist")
+            pairs.append((os.path.join(folder_dir, file), label))
     if not pairs:
-        raise ValueError(f"cityscapes split {split!r} is empty: no *_leftImg8bit.png under {image_root}")
+        raise ValueError(f"{name} split {split!r} is empty: no *{image_suffix} under {image_root}")
     return pairs
+
+
+def cityscapes_pairs(root, split):
+    layout = ("the Cityscapes layout: leftImg8bit/{split}/{city}/*_leftImg8bit.png and "
+              "gtFine/{split}/{city}/*_gtFine_labelIds.png under root")
+    return nested_pairs(root, split, "cityscapes", layout, "_leftImg8bit.png", "_gtFine_labelIds.png")
 
 
 def camvid_pairs(root, split):
@@ -334,24 +340,7 @@ def camvid_pairs(root, split):
 def idd_lite_pairs(root, split):
     layout = ("the IDD-Lite layout: leftImg8bit/{split}/{sequence}/{frame}_image.jpg and "
               "gtFine/{split}/{sequence}/{frame}_label.png under root")
-    require_dirs(root, layout, os.path.join("leftImg8bit", split), os.path.join("gtFine", split))
-    image_root = os.path.join(root, "leftImg8bit", split)
-    label_root = os.path.join(root, "gtFine", split)
-    pairs = []
-    for sequence in sorted(os.listdir(image_root)):
-        sequence_dir = os.path.join(image_root, sequence)
-        if not os.path.isdir(sequence_dir):
-            continue
-        for name in sorted(os.listdir(sequence_dir)):
-            if not name.endswith("_image.jpg"):
-                continue
-            label = os.path.join(label_root, sequence, name[:-len("_image.jpg")] + "_label.png")
-            if not os.path.isfile(label):
-                raise ValueError(f"image {os.path.join(sequence_dir, name)} has no label: {label} does not exist")
-            pairs.append((os.path.join(sequence_dir, name), label))
-    if not pairs:
-        raise ValueError(f"idd_lite split {split!r} is empty: no *_image.jpg under {image_root}")
-    return pairs
+    return nested_pairs(root, split, "idd_lite", layout, "_image.jpg", "_label.png")
 
 
 def file_stem(entry):

@@ -31,3 +31,26 @@ def damage_tensor_bytes(path, count=4000):
 @pytest.fixture
 def damage():
     return damage_tensor_bytes
+
+
+@pytest.fixture
+def crash_in_step(monkeypatch):
+    """crash_in_step(n): from now on train.py's n-th training step raises KeyboardInterrupt, as a
+    kill would stop it; returns a function that puts the real step back."""
+    import train
+
+    real_losses = train.train_losses
+
+    def arm(n):
+        calls = []
+
+        def crashing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real_losses(*args, **kwargs)
+
+        monkeypatch.setattr(train, "train_losses", crashing)
+        return lambda: monkeypatch.setattr(train, "train_losses", real_losses)
+
+    return arm

@@ -51,7 +51,8 @@ def test_an_unknown_loss_is_refused_by_name(capsys):
     assert "argument --kd: invalid choice: 'nope'" in capsys.readouterr().err
 
 
-def test_a_new_entry_is_all_it_takes_to_train_and_resume_a_new_loss(tmp_path, teacher_ckpt, monkeypatch, capsys):
+def test_a_new_entry_is_all_it_takes_to_train_and_resume_a_new_loss(tmp_path, teacher_ckpt, monkeypatch, capsys,
+                                                                   crash_in_step):
     """A toy loss (mean squared logit difference / tau), added as one entry: --kd takes it, it trains,
     its unused flags are refused, and an interrupted run of it resumes."""
     def toy_term(tau):
@@ -60,18 +61,10 @@ def test_a_new_entry_is_all_it_takes_to_train_and_resume_a_new_loss(tmp_path, te
     monkeypatch.setitem(losses.LOSSES, "toy", losses.DistillationLoss({"tau_spatial": "tau"}, toy_term))
     flags = TINY + ["--teacher-ckpt", teacher_ckpt, "--kd", "toy", "--tau-spatial", "2", "--iters", "3",
                     "--save-every", "1", "--out", str(tmp_path)]
-    real_losses, calls = train.train_losses, []
-
-    def crash_in_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_losses(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_losses", crash_in_step_3)
+    restore = crash_in_step(3)
     with pytest.raises(KeyboardInterrupt):
         train.main(flags)
-    monkeypatch.setattr(train, "train_losses", real_losses)
+    restore()
     assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 2
     train.main(flags + ["--resume", "auto"])
     assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 3

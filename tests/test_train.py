@@ -692,20 +692,14 @@ def test_resume_refuses_frames_added_to_the_data_split_and_takes_the_same_files_
     assert run_files(out) == saved
 
 
-def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch,
+                                                                                   crash_in_step):
     import run as run_module
-    real_losses, real_fsync, calls = train.train_losses, os.fsync, []
-
-    def crash_in_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_losses(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_losses", crash_in_step_3)
+    real_fsync = os.fsync
+    restore = crash_in_step(3)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "--iters", 4, "--save-every", 2)
-    monkeypatch.setattr(train, "train_losses", real_losses)
+    restore()
     before = run_files(tmp_path)
 
     def full_disk(fd):
