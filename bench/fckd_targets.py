@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from bench.accuracy import READINGS  # noqa: E402
 from bench.common import describe_run, save_results  # noqa: E402
 from data import IGNORE_INDEX  # noqa: E402
-from fckd import DEFAULT_TEMPERATURE, condensation_matrix, soft_enhance  # noqa: E402
+from fckd import DEFAULT_SIMILARITY, DEFAULT_TEMPERATURE, condensation_matrix, soft_enhance  # noqa: E402
 from run import model_from_checkpoint  # noqa: E402
 from utils import dataset_from_checkpoint, upsample  # noqa: E402
 
@@ -81,8 +81,8 @@ def target_statistics(logits, label, reading, tau_channel):
     """Sums and counts (Counters) of every column for one image's teacher logits (1 x C x H x W),
     label (1 x h x w) and reading (FCKDLoss keyword arguments, as in bench/accuracy.py's READINGS)."""
     classes = logits.shape[1]
-    similarity, temperature = reading["similarity"], reading.get("temperature", DEFAULT_TEMPERATURE)
-    gamma = reading["gamma"] if reading.get("enhance", True) else 0.0  # no enhancement: t_sp = t_ch = X
+    similarity = reading.get("similarity", DEFAULT_SIMILARITY)  # gamma 0 (no enhancement): t_sp = t_ch = X
+    temperature, gamma = reading.get("temperature", DEFAULT_TEMPERATURE), reading["gamma"]
     keep = condensation_matrix(logits, "hard", reading["threshold"])
     masked = reading["apply"] == "mask"
     x, weights = (logits, keep) if masked else (keep * logits, None)
