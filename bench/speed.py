@@ -24,7 +24,7 @@ from bench.common import describe_run, save_results  # noqa: E402
 from losses import DEFAULT_FLAGS, LOSSES, distillation  # noqa: E402
 from models import build_model  # noqa: E402
 from train import make_optimizer, train_losses  # noqa: E402
-from utils import autocast  # noqa: E402
+from utils import autocast, use_fast_cuda_kernels  # noqa: E402
 
 # the student alone, with the teacher's forward and no loss on it, and each distillation loss at train.py's defaults
 MODES = ("student", "student+teacher", *LOSSES)
@@ -91,8 +91,8 @@ def main(argv=None):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     memory_format = torch.channels_last if cuda else torch.contiguous_format
-    if cuda:
-        torch.backends.cudnn.benchmark = True
+    if cuda:  # as train.py runs its steps: cuDNN autotuning, TF32 matmuls
+        use_fast_cuda_kernels()
     torch.manual_seed(0)
     student = build_model(args.student, args.classes, width=args.width).to(device, memory_format=memory_format)
     teacher = build_model(args.teacher, args.classes, width=args.width, aux=False)
