@@ -41,21 +41,15 @@ from utils import all_reduce, is_main, progress_bar, quiet_on_stop_signals, writ
 # -----------------------------------------------------------------------------
 # checkpoint files: written atomically, verified on reading
 
-# Every key of a checkpoint, as train.checkpoint_state writes them: the run's net, data and
-# settings, its optimiser and RNG states, and its progress (FRESH_PROGRESS's keys).
+# Every key of a checkpoint, as checkpoint_state writes them: the run's net, data and settings,
+# its optimiser and RNG states, and its progress (FRESH_PROGRESS's keys).
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "iteration", "args", "rng", "best_miou", "num_classes",
                    "dataset", "model_name", "model_options", "best_iteration", "unlabelled_batches", "val_pending")
-
-
 # a run's progress when it starts: iteration 0, no validation yet, nothing pending
 FRESH_PROGRESS = {"iteration": 0, "best_miou": None, "best_iteration": None, "unlabelled_batches": 0,
                   "val_pending": False}
-
-
 # progress that train.py began to record later: a checkpoint without it had none of it (load_checkpoint)
 ADDED_KEYS = ("best_iteration", "unlabelled_batches", "val_pending")
-
-
 TEMPORARY = ".{name}.tmp{pid}"  # atomic_write's temporary file next to OUT/name
 
 
@@ -196,7 +190,7 @@ def model_from_checkpoint(path):
 
 
 def checkpoint_state(args, model, optimizer, scaler, world_size, num_classes, model_options, progress):
-    """What last.pt and best.pt hold: the keys of utils.CHECKPOINT_KEYS. progress: the keys of
+    """What last.pt and best.pt hold: the keys of CHECKPOINT_KEYS. progress: the keys of
     FRESH_PROGRESS (val_pending: saved before its validation, which a resume then does first)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "args": vars(args), "rng": all_rng_states(world_size), "num_classes": num_classes,
@@ -217,8 +211,6 @@ def restore(checkpoint, optimizer, scaler, rank):
 # the output folder: one run at a time, never overwritten by accident
 
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl")  # a folder with any of them holds a run
-
-
 LOCK_FILE = ".lock"
 
 
