@@ -539,29 +539,32 @@ CLASS_CORRESPONDENCE = {
 }
 
 
-def shared_classes(model_set, data_set):
-    """How a model of `model_set` is scored on `data_set`: (prediction_groups, label_lut, coarse).
+def shared_classes(model_set, data_set, classes=None):
+    """How a model of `model_set` is scored on `data_set` over the classes of dataset `classes`
+    (default: the coarser set of the pair): (prediction_groups, label_lut, classes).
 
-    The scores are over the classes of `coarse`, the coarser set's name. prediction_groups[k] lists the model's
-    classes that make shared class k (None: the model's own classes are the shared ones);
-    label_lut (256 entries, uint8) maps the data's class ids to shared ids (None: they are). Both
-    come from CLASS_CORRESPONDENCE, in whichever direction the pair is written; ValueError naming
-    the pair when it has none.
+    prediction_groups[k] lists the model's classes that make class k (None: the model's own
+    classes are those); label_lut (256 entries, uint8) maps the data's class ids to them (None:
+    they are). Both come from CLASS_CORRESPONDENCE, in whichever direction the pair is written; a
+    model may be scored on its own set over a coarser set's classes. ValueError naming the sets
+    when no correspondence leads to `classes`.
     """
     for (fine, coarse), to_coarse in CLASS_CORRESPONDENCE.items():
-        if {fine, coarse} != {model_set, data_set}:
+        if not {model_set, data_set} <= {fine, coarse} or (classes or coarse) != coarse:
             continue
-        fine_classes, coarse_classes = DATASETS[fine].classes, DATASETS[coarse].classes
-        fine_to_coarse = [coarse_classes.index(to_coarse[name]) for name in fine_classes]
+        coarse_classes = DATASETS[coarse].classes
+        fine_to_coarse = [coarse_classes.index(to_coarse[name]) for name in DATASETS[fine].classes]
+        groups = lut = None
         if model_set == fine:
             groups = [[i for i, k in enumerate(fine_to_coarse) if k == shared] for shared in range(len(coarse_classes))]
-            return groups, None, coarse
-        lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-        lut[:len(fine_to_coarse)] = fine_to_coarse
-        return None, lut, coarse
-    pairs = ", ".join(f"{a} <-> {b}" for a, b in CLASS_CORRESPONDENCE)
-    raise ValueError(f"no class correspondence between {model_set} and {data_set}: a {model_set} model cannot be "
-                     f"scored on {data_set} (data.CLASS_CORRESPONDENCE has {pairs})")
+        if data_set == fine:
+            lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+            lut[:len(fine_to_coarse)] = fine_to_coarse
+        return groups, lut, coarse
+    pairs = ", ".join(f"{a} -> {b}" for a, b in CLASS_CORRESPONDENCE)
+    onto = f" over the classes of {classes}" if classes else ""
+    raise ValueError(f"no class correspondence between {model_set} and {data_set}{onto}: a {model_set} model cannot "
+                     f"be scored so (data.CLASS_CORRESPONDENCE has {pairs})")
 
 
 class SharedLabels(Dataset):

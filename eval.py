@@ -52,7 +52,7 @@ MIN_EXPORT_SIZE = 32  # pixels a side, as train.py's MIN_CROP: the smallest inpu
 MAX_EXPORT_SIZE = 4096  # pixels a side: tracing a batch of 2 larger than this asks for tens of GB
 EXPORT_BATCH = 2  # the example batch torch.export traces: a batch of 1 would fix the batch size at 1
 # the flags of an evaluation, which --export (export only) would silently ignore
-EVALUATION_FLAGS = ("dataset", "data_root", "split", "image_scale", "frames", "flip", "scales", "window", "amp", "workers",
+EVALUATION_FLAGS = ("dataset", "data_root", "split", "image_scale", "classes", "frames", "flip", "scales", "window", "amp", "workers",
                     "json", "save_dir", "save_max", "teacher_ckpt", "fckd_threshold")
 
 
@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--image-scale", type=float, help="resize the images by this factor in (0, 1] (default: the "
                    "checkpoint's; on another dataset, the factor that gives its frames the width of the ones the "
                    "model trained on); the scores are always against the full-resolution labels")
+    p.add_argument("--classes", choices=DATASET_NAMES, metavar="DATASET",
+                   help="score over the classes of this dataset, through data.CLASS_CORRESPONDENCE (default: the scored "
+                        "dataset's own; on another dataset than the checkpoint's, the coarser set's)")
     p.add_argument("--frames", metavar="FILE", help="score only the frames of the split this file lists (one a line, "
                    "named as --labelled-list names them)")
     p.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
@@ -161,7 +164,7 @@ def evaluate_checkpoint(args, device):
         raise ValueError(f"--window {args.window[0]} {args.window[1]} is smaller than the output stride {stride} "
                          f"of {args.ckpt}: pass a window of at least {stride} x {stride}, or none (whole images)")
     dataset_name = args.dataset or checkpoint["dataset"]
-    model, dataset = scored_data(args, model, checkpoint, dataset_name)
+    model, dataset, over = scored_data(args, model, checkpoint, dataset_name)
     model.to(device, memory_format=memory_format(device))
     amp = resolve_amp(args.amp, device)
     workers = args.workers if args.workers is not None else checkpoint["args"].get("workers", 0)
@@ -174,9 +177,8 @@ def evaluate_checkpoint(args, device):
         raise FloatingPointError(f"{args.ckpt} cannot be scored: {e} of the {dataset_name} {args.split} split") from e
     metrics = segmentation_metrics(confusion, dataset.class_names)
     if is_main():
-        shared = f", the classes it shares with {checkpoint['dataset']}" if dataset_name != checkpoint["dataset"] else ""
         print(f"{args.ckpt} on {dataset_name} {args.split} ({len(dataset)} images; scales {args.scales}"
-              f"{', flip' if args.flip else ''}{f', window {window}' if window else ''}{shared})")
+              f"{', flip' if args.flip else ''}{f', window {window}' if window else ''}{over})")
         print(format_metrics(metrics))
         if args.json:
             with open(args.json, "w") as f:
@@ -185,30 +187,34 @@ def evaluate_checkpoint(args, device):
 
 
 def scored_data(args, model, checkpoint, dataset_name):
-    """(model, dataset) as they are scored: --dataset's --split (--frames of it), and on a dataset
-    other than the checkpoint's, both mapped to the classes the two share (data.shared_classes)
-    with the frames resized to the width the model trained at, unless --image-scale says otherwise."""
+    """(model, dataset, what the scores are over) as they are scored: --dataset's --split (--frames of
+    it). On a dataset other
+    than the checkpoint's, or with --classes, both are mapped to the classes scored
+    (data.shared_classes); on another dataset the frames are resized to the width the model trained
+    at, unless --image-scale says otherwise."""
     trained_on, image_scale = checkpoint["dataset"], args.image_scale
-    if dataset_name != trained_on:
-        groups, lut, coarse = shared_classes(trained_on, dataset_name)
+    mapped = dataset_name != trained_on or args.classes not in (None, dataset_name)
+    if mapped:
+        groups, lut, classes = shared_classes(trained_on, dataset_name, args.classes)
         if args.teacher_ckpt:
-            raise ValueError("--teacher-ckpt pictures a teacher in the checkpoint's own domain; drop it to score "
-                             f"{args.ckpt} on {dataset_name}")
-        if image_scale is None:
-            width = DATASETS[trained_on].frame_width * (checkpoint["args"].get("image_scale") or 1.0)
-            image_scale = width / DATASETS[dataset_name].frame_width
-            if is_main():
-                print(f"{dataset_name} frames resized by {image_scale:.4g} to {width:.0f} pixels wide, the width of "
-                      f"the {trained_on} frames {args.ckpt} trained on")
+            raise ValueError("--teacher-ckpt pictures a teacher over its own classes; drop it to score "
+                             f"{args.ckpt} over {classes}'s")
+    if dataset_name != trained_on and image_scale is None:
+        width = DATASETS[trained_on].frame_width * (checkpoint["args"].get("image_scale") or 1.0)
+        image_scale = width / DATASETS[dataset_name].frame_width
+        if is_main():
+            print(f"{dataset_name} frames resized by {image_scale:.4g} to {width:.0f} pixels wide, the width of "
+                  f"the {trained_on} frames {args.ckpt} trained on")
     dataset = dataset_from_checkpoint(checkpoint, args.split, dataset_name, args.data_root, image_scale)
     if args.frames:
         dataset = Frames(dataset, listed_indices(dataset, args.frames, "--frames", args.split))
-    if dataset_name == trained_on:
+    if not mapped:
         check_num_classes(checkpoint, args.ckpt, dataset_name, dataset.num_classes)
-        return model, dataset
+        return model, dataset, ""
     if lut is not None:
-        dataset = SharedLabels(dataset, lut, coarse)
-    return (model if groups is None else SharedClassLogits(model, groups)), dataset
+        dataset = SharedLabels(dataset, lut, classes)
+    model = model if groups is None else SharedClassLogits(model, groups)
+    return model, dataset, f", over the classes of {classes} ({trained_on} model)"
 
 
 class SharedClassLogits(torch.nn.Module):

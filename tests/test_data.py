@@ -444,6 +444,10 @@ def test_camvid_and_idd_lite_share_idd_lites_seven_classes():
 def test_a_pair_without_a_correspondence_is_refused_by_name():
     with pytest.raises(ValueError, match="no class correspondence between voc and camvid"):
         data.shared_classes("voc", "camvid")
+    with pytest.raises(ValueError, match="no class correspondence between idd_lite and camvid over the classes of camvid"):
+        data.shared_classes("idd_lite", "camvid", "camvid")  # IDD-Lite's classes do not split into CamVid's
+    groups, lut, coarse = data.shared_classes("camvid", "camvid", "idd_lite")  # both sides mapped
+    assert len(groups) == 7 and lut[3] == 0 and coarse == "idd_lite"
 
 
 def test_shared_labels_maps_the_label_ids(tmp_path):

@@ -420,7 +420,7 @@ def test_a_camvid_model_is_scored_on_idd_lite_over_idd_lites_classes(two_domains
                    root / "idd", "--json", tmp_path / "m.json")
     # CamVid frames are 480 wide, trained at scale 0.5: 240 pixels; IDD-Lite's are 320
     assert "idd_lite frames resized by 0.75 to 240 pixels wide" in out
-    assert "the classes it shares with camvid" in out
+    assert "over the classes of idd_lite (camvid model)" in out
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert list(metrics["per_class"]) == list(data.IDD_LITE_CLASSES) and metrics["trained_on"] == "camvid"
 
@@ -473,3 +473,30 @@ def test_frames_scores_the_listed_frames_only(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_cli(lambda: evaluate_script.main(["--ckpt", str(trained / "last.pt"), "--frames", str(listing)]))
     assert "--frames: " in capsys.readouterr().err
+
+
+def test_a_camvid_model_is_scored_on_camvid_over_idd_lites_classes_too(two_domains, tmp_path, capsys):
+    """In domain over the shared classes: the model's probabilities summed and the labels mapped, as
+    across domains, so that the drop from in domain compares the same classes."""
+    root = two_domains
+    out = run_eval(capsys, "--ckpt", root / "camvid_run" / "last.pt", "--classes", "idd_lite",
+                   "--data-root", root / "camvid", "--json", tmp_path / "m.json")
+    assert "over the classes of idd_lite (camvid model)" in out and "resized" not in out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert list(metrics["per_class"]) == list(data.IDD_LITE_CLASSES)
+    model, _ = model_from_checkpoint(root / "camvid_run" / "last.pt")
+    groups, lut, _ = data.shared_classes("camvid", "camvid", "idd_lite")
+    image, label = build_dataset("camvid", root / "camvid", "val", False, image_scale=0.5)[0]
+    with torch.no_grad():
+        prediction = predict(evaluate_script.SharedClassLogits(model.eval(), groups), image[None],
+                             size=label.shape).argmax(1)[0]
+    mapped = torch.from_numpy(lut.astype(np.int64))[label]
+    confusion = torch.zeros(7, 7, dtype=torch.int64)
+    for true, guess in zip(mapped.flatten().tolist(), prediction.flatten().tolist()):
+        if true != 255:
+            confusion[true, guess] += 1
+    assert metrics["mIoU"] == pytest.approx(segmentation_metrics(confusion, data.IDD_LITE_CLASSES)["mIoU"])
+    with pytest.raises(SystemExit):
+        run_cli(lambda: evaluate_script.main(["--ckpt", str(root / "camvid_run" / "last.pt"), "--classes", "voc",
+                                              "--data-root", str(root / "camvid")]))
+    assert "no class correspondence between camvid and camvid over the classes of voc" in capsys.readouterr().err
