@@ -362,3 +362,46 @@ def test_accuracy_scores_every_run_on_the_settings_val_halves_too(tmp_path, monk
     (run / "result.json").write_text(json.dumps(result))
     (run / "log.jsonl").unlink()
     assert accuracy.main(argv)[1]["halves_mIoU_mean"] == rows[1]["halves_mIoU_mean"]
+
+
+def test_cross_domain_scores_finished_runs_in_and_out_of_domain_over_the_shared_classes(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import train
+    from bench import accuracy, cross_domain
+    from data import IDD_LITE_CLASSES
+
+    rng = np.random.default_rng(50)
+    for split in ("train", "val"):  # one CamVid frame and one IDD-Lite frame per split
+        for path, array in ((tmp_path / "camvid" / split / "f.png", rng.integers(0, 255, (24, 32, 3))),
+                            (tmp_path / "camvid" / f"{split}annot" / "f.png", rng.integers(0, 12, (24, 32))),
+                            (tmp_path / "idd" / "leftImg8bit" / split / "0" / "000001_image.jpg",
+                             rng.integers(0, 255, (24, 32, 3))),
+                            (tmp_path / "idd" / "gtFine" / split / "0" / "000001_label.png", rng.integers(0, 7, (24, 32)))):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array.astype(np.uint8)).save(path)
+    common = ["--dataset", "camvid", "--image-scale", "0.5", "--crop-size", "32", "--batch-size", "1", "--workers", "0",
+              "--width", "0.0625", "--iters", "1"]
+    monkeypatch.setitem(accuracy.SETTINGS, "tiny-camvid", {"common": common, "teacher": [], "student": []})
+    runs = tmp_path / "runs"
+    for name, seed in (("teacher", 0), ("baseline", 0), ("baseline", 1)):
+        folder = accuracy.run_dir(runs / "tiny-camvid", name, seed)
+        train.main(common + ["--data-root", str(tmp_path / "camvid"), "--seed", str(seed), "--out", str(folder)])
+        (folder / "result.json").write_text("{}")
+    argv = ["--settings", "tiny-camvid", "--table", "pilot", "--runs", str(runs), "--out", str(tmp_path),
+            "--data-root", f"camvid={tmp_path / 'camvid'}", f"idd_lite={tmp_path / 'idd'}"]
+    rows = cross_domain.main(argv)
+    assert [(r["name"], len(r["in_domain"])) for r in rows] == [("teacher", 1), ("baseline", 2)]
+    baseline = accuracy.run_dir(runs / "tiny-camvid", "baseline", 1)
+    inside = json.loads((baseline / "cross_in.json").read_text())
+    outside = json.loads((baseline / "cross_out.json").read_text())
+    assert list(inside["per_class"]) == list(outside["per_class"]) == list(IDD_LITE_CLASSES)
+    assert (inside["dataset"], outside["dataset"]) == ("camvid", "idd_lite")
+    assert rows[1]["in_domain"][1] == inside["mIoU"] and rows[1]["other_domain"][1] == outside["mIoU"]
+    assert rows[1]["drop"] == pytest.approx(rows[1]["in_domain_mean"] - rows[1]["other_domain_mean"])
+    # kept beside each run: without the checkpoints the table is the same
+    for folder in runs.glob("tiny-camvid/*"):
+        (folder / "last.pt").unlink()
+    assert cross_domain.main(argv) == rows
+    assert json.loads((tmp_path / "cross_domain.json").read_text())["rows"] == rows
