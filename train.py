@@ -165,16 +165,16 @@ def refuse_idle_flags(p, args, given):
     for dest in PATH_FLAGS:
         if getattr(args, dest) == "":
             p.error(f"--{dest.replace('_', '-')} is empty: give a path, or leave the flag out")
-    synthetic = args.dataset == "synthetic"
-    idle = {"synthetic_length": not synthetic, "synthetic_size": not synthetic, "image_scale": synthetic,
-            "data_root": synthetic, "unlabelled_batch_size": not (args.labelled_list and args.teacher_ckpt)}
-    why = {"synthetic_length": "they apply to --dataset synthetic only",
-           "image_scale": "the synthetic set has --synthetic-size", "data_root": "the synthetic set is generated",
-           "unlabelled_batch_size": "it adds a teacher's frames without labels to a run with --labelled-list and "
-                                    "--teacher-ckpt"}
-    for dest in [d for d in idle if idle[d] and d in given]:
-        p.error(f"--{dest.replace('_', '-')} does nothing in this run ({why.get(dest, why['synthetic_length'])}): "
-                "drop it")
+    synthetic, distilled_few = args.dataset == "synthetic", bool(args.labelled_list and args.teacher_ckpt)
+    for dest, unused, why in (
+            ("synthetic_length", not synthetic, "it applies to --dataset synthetic only"),
+            ("synthetic_size", not synthetic, "it applies to --dataset synthetic only"),
+            ("image_scale", synthetic, "the synthetic set has --synthetic-size"),
+            ("data_root", synthetic, "the synthetic set is generated"),
+            ("unlabelled_batch_size", not distilled_few, "it adds frames without labels to a run with "
+                                                         "--labelled-list and --teacher-ckpt")):
+        if unused and dest in given:
+            p.error(f"--{dest.replace('_', '-')} does nothing in this run ({why}): drop it")
     if args.kd and not args.teacher_ckpt:
         p.error(f"--kd {args.kd} needs a teacher: pass --teacher-ckpt PATH")
     if args.overwrite and args.resume:

@@ -414,7 +414,7 @@ def test_labelled_list_adds_unlabelled_frames_for_distillation_and_keeps_the_lab
 def test_unlabelled_batch_size_without_a_labelled_list_and_a_teacher_is_refused(tmp_path, capsys, teacher_ckpt):
     err = cli_error(capsys, TINY + ["--out", str(tmp_path / "b"), "--unlabelled-batch-size", "4",
                                     "--teacher-ckpt", teacher_ckpt])
-    assert "--unlabelled-batch-size does nothing in this run (it adds a teacher's frames without labels" in err
+    assert "--unlabelled-batch-size does nothing in this run (it adds frames without labels to a run" in err
 
 
 def test_a_labelled_list_with_fewer_frames_than_a_batch_is_refused(tmp_path, capsys):
