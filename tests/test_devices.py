@@ -248,7 +248,7 @@ def reproducible(device):
 
 
 def test_an_interrupted_and_resumed_run_ends_where_an_uninterrupted_one_does(device, reproducible, tmp_path,
-                                                                            monkeypatch):
+                                                                            crash_in_step):
     """Six iterations straight, against five with a crash in the fifth (last.pt at iteration 3,
     mid-epoch at 2 batches an epoch, validated) and a `--resume auto` to six, on `device` with
     its defaults (on CUDA: bf16, fused SGD, dropout drawn from the CUDA RNG that the checkpoint
@@ -265,19 +265,11 @@ def test_an_interrupted_and_resumed_run_ends_where_an_uninterrupted_one_does(dev
     flags = ["--iters", 6, "--save-every", 3, "--val-every", 3]
     uninterrupted = train_main(tmp_path / "a", *flags)
 
-    real_losses, calls = train.train_losses, []
-
-    def crash_in_step_5(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt  # the weights are at step 4, last.pt at 3
-        return real_losses(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_losses", crash_in_step_5)
+    restore = crash_in_step(5)  # the weights are at step 4, last.pt at 3
     with pytest.raises(KeyboardInterrupt):
         train_main(tmp_path / "b", *flags)
     assert load_checkpoint(tmp_path / "b" / "last.pt")["iteration"] == 3
-    monkeypatch.setattr(train, "train_losses", real_losses)
+    restore()
     resumed = train_main(tmp_path / "b", *flags, "--resume", "auto")
 
     assert resumed["iteration"] == uninterrupted["iteration"] == 6
