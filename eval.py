@@ -92,6 +92,13 @@ def parse_args(argv=None):
                    help=f"with --export: the input size, each side at least {MIN_EXPORT_SIZE} (default: the "
                    "training crop size of the checkpoint's run; for the synthetic set its image size)")
     args = p.parse_args(argv)
+    check_flags(p, args)
+    return args
+
+
+def check_flags(p, args):
+    """argparse's usage error (exit 2) for an empty path, a number out of range, and a flag that
+    this evaluation would not use."""
     for flag in ("ckpt", "data_root", "frames", "json", "save_dir", "teacher_ckpt", "export"):
         if getattr(args, flag) == "":
             p.error(f"--{flag.replace('_', '-')} is empty: give a path, or leave the flag out")
@@ -116,7 +123,6 @@ def parse_args(argv=None):
         ignored = [f"--{key.replace('_', '-')}" for key in EVALUATION_FLAGS if getattr(args, key) != p.get_default(key)]
         if ignored:
             p.error(f"--export writes the program and exits without evaluating: drop {' '.join(ignored)}")
-    return args
 
 
 def colourise(label, palette):
