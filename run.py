@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from data import split_fingerprint
-from losses import DEFAULT_FLAGS, unused_flags
+from losses import unused_flags
 from models import build_model, listing, load_torch_file, load_weights, require_file
 from utils import all_reduce, is_main, progress_bar, quiet_on_stop_signals, writable_folder
 
@@ -363,8 +363,7 @@ def check_resumed_settings(stored, args, path, parser):
     ignored = set(MAY_DIFFER_ON_RESUME) | {path for key, path in FINGERPRINTED.items() if key in stored
                                            and then_all.get(path) is not None and now_all.get(path) is not None}
     if then_all.get("kd") == now_all.get("kd"):
-        ignored |= unused_flags(now_all.get("kd"), {**DEFAULT_FLAGS, **then_all}) \
-            & unused_flags(now_all.get("kd"), {**DEFAULT_FLAGS, **now_all})
+        ignored |= unused_flags(now_all.get("kd"), then_all) & unused_flags(now_all.get("kd"), now_all)
     ignored |= {key for key in FINGERPRINTED if key not in stored}  # an older checkpoint: its paths are compared
     differ = []
     for key in sorted((set(stored) | set(vars(args))) - ignored):

@@ -134,6 +134,8 @@ def parse_args(argv=None):
     paths and numbers outside NUMBER_RULES."""
     p = build_parser()
     args = p.parse_args(argv)
+    if args.teacher_ckpt and not args.kd:
+        args.kd = "fckd"
     refuse_idle_flags(p, args, given_flags(p, argv))
     for key, value in DATASETS[args.dataset].defaults.items():
         if getattr(args, key) is None:
@@ -146,8 +148,6 @@ def parse_args(argv=None):
         args.crop_size = args.crop_size * 2  # H -> H x H
     if args.crop_size is not None and min(args.crop_size) < MIN_CROP:
         p.error(f"--crop-size must be at least {MIN_CROP} pixels a side, got {' '.join(map(str, args.crop_size))}")
-    if args.teacher_ckpt and not args.kd:
-        args.kd = "fckd"
     if args.labelled_list and args.teacher_ckpt and args.unlabelled_batch_size is None:
         args.unlabelled_batch_size = args.batch_size
     for key, rule, test in NUMBER_RULES:
@@ -179,12 +179,10 @@ def refuse_idle_flags(p, args, given):
         p.error(f"--kd {args.kd} needs a teacher: pass --teacher-ckpt PATH")
     if args.overwrite and args.resume:
         p.error("--overwrite starts afresh, --resume continues: pass one of them")
-    kd = args.kd or ("fckd" if args.teacher_ckpt else None)
-    flags = {dest: getattr(args, dest) for dest in FLAGS}
-    idle_loss = sorted(FLAGS[dest][0] for dest in unused_flags(kd, flags) & given)
+    idle_loss = sorted(FLAGS[dest][0] for dest in unused_flags(args.kd, vars(args)) & given)
     if idle_loss:
-        run = "without a teacher" if kd is None else f"with --kd {kd}" + (
-            f" and --fckd-condense {args.fckd_condense}, --fckd-gamma {args.fckd_gamma}" if kd == "fckd" else "")
+        run = "without a teacher" if args.kd is None else f"with --kd {args.kd}" + (
+            f" and --fckd-condense {args.fckd_condense}, --fckd-gamma {args.fckd_gamma}" if args.kd == "fckd" else "")
         p.error(f"{' '.join(idle_loss)} {'does' if len(idle_loss) == 1 else 'do'} nothing in a run {run}: drop "
                 f"{'it' if len(idle_loss) == 1 else 'them'}")
 

@@ -232,11 +232,8 @@ def run(name, seed, train_args, out, threads, halves=()):
             raise RuntimeError(f"run {directory.name} failed: {' '.join(cmd)}; see {directory / 'output.log'}")
         return json.loads(Path(json_path).read_text())
 
-    def score_halves(result):
-        with open(directory / "output.log", "a") as log:
-            result["halves_mIoU"] = [evaluate(frames, directory / f"eval_half{i}.json", log)["mIoU"]
-                                     for i, frames in enumerate(halves)]
-        result_path.write_text(json.dumps(result, indent=1) + "\n")
+    def score_halves(log):
+        return [evaluate(frames, directory / f"eval_half{i}.json", log)["mIoU"] for i, frames in enumerate(halves)]
 
     if result_path.exists():
         result = json.loads(result_path.read_text())
@@ -247,7 +244,9 @@ def run(name, seed, train_args, out, threads, halves=()):
         except ValueError as e:
             raise RuntimeError(f"{e}\n(move {directory} away or pass another --runs)") from None
         if halves and len(result.get("halves_mIoU", ())) != len(halves):  # a run scored before the halves were
-            score_halves(result)
+            with open(directory / "output.log", "a") as log:
+                result["halves_mIoU"] = score_halves(log)
+            result_path.write_text(json.dumps(result, indent=1) + "\n")
         return result
     directory.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -257,13 +256,13 @@ def run(name, seed, train_args, out, threads, halves=()):
         if subprocess.run(train_cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode:
             raise RuntimeError(f"run {directory.name} failed: {' '.join(train_cmd)}; see {directory / 'output.log'}")
         metrics = evaluate(None, directory / "eval.json", log)
+        minutes = (time.perf_counter() - start) / 60
+        halves_miou = {"halves_mIoU": score_halves(log)} if halves else {}
     keep = [r["keep_ratio"] for r in map(json.loads, (directory / "log.jsonl").read_text().splitlines())
             if "keep_ratio" in r]
     result = {"mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"], "per_class": metrics["per_class"],
-              "keep_ratio_last": keep[-1] if keep else None, "minutes": (time.perf_counter() - start) / 60,
-              "train_command": command, "train_args": vars(settings)}
-    if halves:
-        score_halves(result)
+              "keep_ratio_last": keep[-1] if keep else None, "minutes": minutes,
+              "train_command": command, "train_args": vars(settings), **halves_miou}
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{directory.name}: mIoU {result['mIoU']:.2f} mAcc {result['mAcc']:.2f} "
           f"({result['minutes']:.1f} min)", flush=True)
