@@ -8,12 +8,22 @@ from pathlib import Path
 import torch
 
 
+def cpu_model():
+    """The CPU's model name: runs on two CPU models differ bit-wise (their kernels round differently)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else (platform.processor() or platform.machine())
+
+
 def describe_run(script, argv, device):
     """{"device", "torch", "command"}: what every results file records about how it was made."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        name = f"CPU ({cpu_model()}, {platform.machine()}, {torch.get_num_threads()} threads)"
     command = " ".join([f"python bench/{script}", *(sys.argv[1:] if argv is None else argv)])
     return {"device": name, "torch": torch.__version__, "command": command}
 

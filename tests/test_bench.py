@@ -21,6 +21,18 @@ def test_loss_speed_runs_and_writes_json(tmp_path):
     assert saved["device"].startswith("CPU")
 
 
+def test_results_name_the_cpu_model(tmp_path):
+    # runs on two CPU models differ bit-wise, so a results file says which one made it
+    from bench import common
+
+    cpuinfo = "processor\t: 0\nmodel name\t: Example CPU 9000\n"
+    with mock.patch("builtins.open", mock.mock_open(read_data=cpuinfo)):
+        assert common.cpu_model() == "Example CPU 9000"
+    with mock.patch("builtins.open", side_effect=OSError):
+        assert common.cpu_model()  # no /proc/cpuinfo: the platform's name, never empty
+    assert common.describe_run("x.py", [], torch.device("cpu"))["device"].startswith(f"CPU ({common.cpu_model()}, ")
+
+
 def test_speed_runs_every_mode_and_writes_json(tmp_path):
     from bench import speed
 
