@@ -9,7 +9,7 @@ import torch
 
 
 def cpu_model():
-    """The CPU's model name: runs on two CPU models differ bit-wise (their kernels round differently)."""
+    """The CPU's model name: the same run on another CPU model can round differently, and drift."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
