@@ -22,7 +22,7 @@ def test_loss_speed_runs_and_writes_json(tmp_path):
 
 
 def test_results_name_the_cpu_model(tmp_path):
-    # runs on two CPU models differ bit-wise, so a results file says which one made it
+    # the same run on another CPU model can round differently, so a results file says which one made it
     from bench import common
 
     cpuinfo = "processor\t: 0\nmodel name\t: Example CPU 9000\n"
