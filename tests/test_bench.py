@@ -21,7 +21,7 @@ def test_loss_speed_runs_and_writes_json(tmp_path):
     assert saved["device"].startswith("CPU")
 
 
-def test_results_name_the_cpu_model(tmp_path):
+def test_results_name_the_cpu_model():
     # the same run on another CPU model can round differently, so a results file says which one made it
     from bench import common
 
